@@ -1,0 +1,147 @@
+"""Per-architecture knowledge as data: where the blocks, attention, MLP, final norm and embeddings live.
+
+Paths in the table are relative to the base model (`transformer.` or `model.` is found at run time, so one
+row serves GPT2Model and GPT2LMHeadModel alike). A model_type missing from the table falls back to
+discovery: the one ModuleList whose length is `num_hidden_layers`, with common sublayer names inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchRow:
+    blocks: str  # the block ModuleList, relative to the base model
+    attn: str | None  # inside a block: the module whose output is attention before its residual add
+    mlp: str | None  # inside a block: the MLP (or MoE) before its residual add
+    final_norm: str | None  # relative to the base model
+    embed: str | None  # the token embedding module, relative to the base model
+
+
+_LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm", "embed_tokens")
+
+ARCHS: dict[str, ArchRow] = {
+    "gpt2": ArchRow("h", "attn", "mlp", "ln_f", "wte"),
+    "gptj": ArchRow("h", "attn", "mlp", "ln_f", "wte"),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
+    "qwen2_moe": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
+    "gpt_neox": ArchRow("layers", "attention", "mlp", "final_layer_norm", "embed_in"),
+    # OPT has no MLP module: fc2's output (flat [batch*seq, hidden]) is the MLP before its residual add.
+    "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm", "decoder.embed_tokens"),
+    # BERT's `attention` and `output` modules already contain residual + LayerNorm; their dense layers do not.
+    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None, "embeddings"),
+}
+
+# Used by discovery, in order of preference.
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
+_FINAL_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+_EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "embeddings")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the resolver and compiler need to know about one model, with full module paths."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    blocks: str  # e.g. "transformer.h"
+    attn: str | None  # relative to a block, e.g. "attn"
+    mlp: str | None
+    final_norm: str | None  # full path, e.g. "transformer.ln_f"
+    embed: str | None  # full path
+    module_names: frozenset[str]
+    from_table: bool = True
+
+    def block(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+    @property
+    def block_container_names(self) -> tuple[str, ...]:
+        """Every suffix of the block path that names it unambiguously: "model.layers" → ("model.layers", "layers")."""
+        parts = self.blocks.split(".")
+        return tuple(".".join(parts[i:]) for i in range(len(parts)))
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ModelInfo":
+        config = getattr(model, "config", None)
+        if config is None:
+            raise TypeError("garage needs a Hugging Face model (a module with a .config)")
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_layers = int(text_config.num_hidden_layers)
+        hidden = int(text_config.hidden_size)
+        model_type = getattr(text_config, "model_type", None) or getattr(config, "model_type", "unknown")
+        modules = dict(model.named_modules())
+        row = ARCHS.get(model_type) or ARCHS.get(getattr(config, "model_type", ""))
+        blocks = _find_blocks(modules, num_layers, row.blocks if row else None)
+        if row is None:
+            row = _discover(modules, blocks)
+        base = blocks[: len(blocks) - len(row.blocks)] if blocks.endswith(row.blocks) else ""
+
+        def full(rel: str | None) -> str | None:
+            return base + rel if rel is not None and base + rel in modules else None
+
+        def inside(rel: str | None) -> str | None:
+            return rel if rel is not None and f"{blocks}.0.{rel}" in modules else None
+
+        return cls(
+            model_type=model_type,
+            num_layers=num_layers,
+            hidden_size=hidden,
+            blocks=blocks,
+            attn=inside(row.attn),
+            mlp=inside(row.mlp),
+            final_norm=full(row.final_norm),
+            embed=full(row.embed),
+            module_names=frozenset(modules),
+            from_table=model_type in ARCHS,
+        )
+
+
+def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | None) -> str:
+    """The path of the block ModuleList: the table's suffix if given, else the one list of N modules."""
+    lists = [name for name, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) == num_layers and name]
+    if suffix is not None:
+        matching = [n for n in lists if n == suffix or n.endswith("." + suffix)]
+        if len(matching) == 1:
+            return matching[0]
+    if len(lists) == 1:
+        return lists[0]
+    found = ", ".join(lists) or "none"
+    raise TypeError(
+        f"cannot tell where this model's {num_layers} blocks are (ModuleLists of that length: {found}); "
+        "add a row for its model_type to garage.archs.ARCHS"
+    )
+
+
+def _discover(modules: dict[str, nn.Module], blocks: str) -> ArchRow:
+    """A table row guessed from common names, for architectures the table does not know."""
+    base, _, rel_blocks = blocks.rpartition(".")
+    prefix = base + "." if base else ""
+    child_names = {name.split(".")[-1] for name in modules if name.startswith(blocks + ".0.")}
+    top = {name[len(prefix):] for name in modules if name.startswith(prefix)}
+
+    def first(names: tuple[str, ...], pool: set[str]) -> str | None:
+        return next((n for n in names if n in pool), None)
+
+    return ArchRow(
+        rel_blocks,
+        first(_ATTN_NAMES, child_names),
+        first(_MLP_NAMES, child_names),
+        first(_FINAL_NAMES, top),
+        first(_EMBED_NAMES, top),
+    )

@@ -1,0 +1,88 @@
+"""The `garage` command: argument parsing and printing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .parse import load
+from .diagnostics import GarageError, render
+from .formatter import format_spec
+from .models import BUILTIN, DEFAULT_MODEL, load_model
+from .resolve import resolve
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+def _add_spec(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    p.add_argument("spec", help="a .garage file")
+    if with_model:
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"hub id, local folder, or built-in ({', '.join(BUILTIN)}); default {DEFAULT_MODEL}",
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="garage", description="Compile .garage injection specs against transformer models.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_spec(sub.add_parser("check", help="report every problem in a spec against a model (exit 1 if any error)"))
+    _add_spec(sub.add_parser("explain", help="show where each statement lands in the model"))
+    fmt = sub.add_parser("fmt", help="print a spec in canonical form")
+    _add_spec(fmt, with_model=False)
+    fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not already canonical")
+    return top
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    spec = load(args.spec)
+    _progress(f"loading {args.model} ...")
+    resolve(spec, load_model(args.model))
+    print(render([]))
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    spec = load(args.spec)
+    _progress(f"loading {args.model} ...")
+    plan = resolve(spec, load_model(args.model))
+    rows = [("line:col", "site", "module path", "op")]
+    rows += [(f"{s.span.line}:{s.span.column}", s.site.label, s.site.module_path, s.op.keyword) for s in plan]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def _cmd_fmt(args: argparse.Namespace) -> int:
+    spec = load(args.spec)
+    text = format_spec(spec)
+    if args.check:
+        return EXIT_OK if text == spec.source.text else EXIT_ERRORS
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "fmt": _cmd_fmt}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GarageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_ERRORS
+    except (OSError, ValueError) as err:
+        print(f"garage: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

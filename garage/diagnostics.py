@@ -1,0 +1,139 @@
+"""One diagnostic type and one renderer, shared by the parser, resolver, validator, API and CLI.
+
+Errors are collected as values and raised together, so a user sees every problem in a spec at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Sequence
+
+Severity = Literal["error", "warning"]
+
+DEFAULT_FILENAME = "<spec>"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a construct sits in its source: 1-based line and columns, end column exclusive."""
+
+    line: int
+    column: int
+    end_column: int
+
+    def __post_init__(self) -> None:
+        if self.end_column <= self.column:
+            object.__setattr__(self, "end_column", self.column + 1)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A problem found in a spec, tied to its place in the source."""
+
+    severity: Severity
+    message: str
+    filename: str = DEFAULT_FILENAME
+    line: int = 0
+    column: int = 0
+    end_column: int = 0
+    hint: str | None = None
+    rule: str | None = None  # the lint rule that produced a warning, e.g. "blade-depth"
+    source_line: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def render(self) -> str:
+        """Compiler-style text: `file:line:col: severity: message`, the source line and a caret."""
+        where = f"{self.filename}:{self.line}:{self.column}" if self.line else self.filename
+        tag = f" [{self.rule}]" if self.rule else ""
+        out = [f"{where}: {self.severity}: {self.message}{tag}"]
+        if self.source_line is not None and self.line:
+            text = self.source_line.rstrip("\n").expandtabs(1)
+            width = max(1, min(self.end_column, len(text) + 2) - self.column)
+            out.append(f"  {text}")
+            out.append("  " + " " * (self.column - 1) + "^" * width)
+        if self.hint:
+            out.append(f"  hint: {self.hint}")
+        return "\n".join(out)
+
+
+class Source:
+    """A spec's text and file name, able to make diagnostics that point into it."""
+
+    def __init__(self, text: str, filename: str | None = None) -> None:
+        self.text = text
+        self.filename = filename or DEFAULT_FILENAME
+        self.lines = text.splitlines() or [""]
+
+    def line_text(self, line: int) -> str | None:
+        return self.lines[line - 1] if 1 <= line <= len(self.lines) else None
+
+    def diagnostic(
+        self,
+        span: Span | None,
+        message: str,
+        hint: str | None = None,
+        severity: Severity = "error",
+        rule: str | None = None,
+    ) -> Diagnostic:
+        if span is None:
+            return Diagnostic(severity, message, self.filename, hint=hint, rule=rule)
+        return Diagnostic(
+            severity,
+            message,
+            self.filename,
+            span.line,
+            span.column,
+            span.end_column,
+            hint,
+            rule,
+            self.line_text(span.line),
+        )
+
+
+def render(diagnostics: Iterable[Diagnostic]) -> str:
+    """All diagnostics, in source order, followed by a one-line count."""
+    diags = sorted(diagnostics, key=lambda d: (d.filename, d.line, d.column))
+    if not diags:
+        return "no problems found"
+    errors = sum(d.is_error for d in diags)
+    warnings = len(diags) - errors
+    counts = [f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((errors, "error"), (warnings, "warning")) if n]
+    return "\n".join(d.render() for d in diags) + "\n" + ", ".join(counts)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A hint naming the nearest valid word, or None when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+class GarageError(Exception):
+    """Every error caused by user input. Carries all its diagnostics; str() renders them."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
+        self.diagnostics = list(diagnostics)
+        super().__init__(render(self.diagnostics))
+
+    def __str__(self) -> str:
+        return render(self.diagnostics)
+
+
+class SpecError(GarageError):
+    """The spec text is not valid .garage syntax."""
+
+
+class ResolveError(GarageError):
+    """A site, index, name or expectation does not fit the model."""
+
+
+class ValidationError(GarageError):
+    """Dimensions, files, modules or expectations fail the checks made before anything runs."""
+
+
+def raise_if_errors(diagnostics: Sequence[Diagnostic], error_type: type[GarageError]) -> None:
+    if any(d.is_error for d in diagnostics):
+        raise error_type(diagnostics)

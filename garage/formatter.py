@@ -1,0 +1,151 @@
+"""Spec → canonical text: one statement a line, one spelling for every construct.
+
+Canonical choices: the alias `h` for blocks (a bare index becomes `h.I`), `.out` left implicit, numbers
+in Python's shortest round-tripping form without a trailing `.0`, clauses in grammar order, and file
+paths always quoted. parse(format(spec)) == spec for every spec.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+
+from . import spec as ast
+
+
+def format_number(x: float) -> str:
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def format_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ------------------------------------------------------------------ layers and positions
+@singledispatch
+def format_layers(sel) -> str:
+    raise TypeError(f"not a layer selector: {sel!r}")
+
+
+@format_layers.register
+def _(sel: ast.Index) -> str:
+    return str(sel.value)
+
+
+@format_layers.register
+def _(sel: ast.NIndex) -> str:
+    return "N" if sel.offset == 0 else f"N{sel.offset:+d}"
+
+
+@format_layers.register
+def _(sel: ast.PercentIndex) -> str:
+    return f"{format_number(sel.percent)}%"
+
+
+@format_layers.register
+def _(sel: ast.LayerRange) -> str:
+    return f"{format_layers(sel.start)}..{format_layers(sel.end)}"
+
+
+@format_layers.register
+def _(sel: ast.AllLayers) -> str:
+    return "*"
+
+
+@format_layers.register
+def _(sel: ast.LayerSet) -> str:
+    return "{" + ", ".join(format_layers(item) for item in sel.items) + "}"
+
+
+def format_positions(pos: ast.Positions | None) -> str:
+    if pos is None:
+        return ""
+    if pos.kind == "index":
+        return f"[{pos.start}]"
+    if pos.kind == "slice":
+        start = "" if pos.start is None else str(pos.start)
+        stop = "" if pos.stop is None else str(pos.stop)
+        return f"[{start}:{stop}]"
+    return f"[{pos.kind}]"
+
+
+# ------------------------------------------------------------------ sites
+def format_site(site: ast.Site) -> str:
+    if isinstance(site, ast.BlockSite):
+        container = ".".join(site.container) if site.container else "h"
+        text = f"{container}.{format_layers(site.layers)}"
+        if site.subpath:
+            text += "." + ".".join(site.subpath)
+        elif site.component != "out":
+            text += f".{site.component}"
+    elif isinstance(site, ast.NamedSite):
+        text = site.name
+    else:
+        text = format_string(site.path)
+    return text + format_positions(site.positions)
+
+
+# ------------------------------------------------------------------ ops
+def format_value(value: ast.BladeSource) -> str:
+    if isinstance(value, ast.BoundValue):
+        return value.name
+    if isinstance(value, ast.ModelSource):
+        return f"model {format_string(value.path)}"
+    return format_string(value.path + (f"#{value.key}" if value.key else ""))
+
+
+def _format_kwarg(value: ast.KwargValue) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    if isinstance(value, str):
+        return format_string(value)
+    return format_number(value)
+
+
+def format_op(op: ast.Op) -> str:
+    words = [op.keyword]
+    if isinstance(op, ast.Scale):
+        words.append(format_number(op.factor))
+    elif isinstance(op, (ast.Add, ast.Ablate)):
+        words.append(format_value(op.value))
+        if isinstance(op, ast.Add) and op.factor is not None:
+            words += ["*", format_number(op.factor)]
+    elif isinstance(op, ast.Clamp):
+        words += [format_number(op.low), format_number(op.high)]
+    elif isinstance(op, ast.Noise):
+        words.append(format_number(op.std))
+        if op.always:
+            words.append("always")
+    elif isinstance(op, ast.ModuleOp):
+        args = ", ".join(f"{k}={_format_kwarg(v)}" for k, v in op.kwargs)
+        words.append(op.name + (f"({args})" if args else ""))
+    elif isinstance(op, ast.Blade):
+        if op.method is not None:
+            words.append(op.method)
+        if op.source is not None:
+            words += ["from", format_value(op.source)]
+        if op.project is not None:
+            words += ["project", op.project]
+        if op.alpha is not None:
+            words += ["alpha", format_number(op.alpha)]
+    elif isinstance(op, ast.Debate):
+        words.append(op.method)
+        if op.views is not None:
+            words += ["views", op.views]
+        if op.strength is not None:
+            words += ["strength", format_number(op.strength)]
+    elif isinstance(op, ast.Capture):
+        words.append(op.name)
+    return " ".join(words)
+
+
+def format_statement(stmt: ast.Statement) -> str:
+    if isinstance(stmt, ast.Expect):
+        value = format_string(stmt.value) if isinstance(stmt.value, str) else str(stmt.value)
+        return f"expect {stmt.key} {value}"
+    return f"at {format_site(stmt.site)} {format_op(stmt.op)}"
+
+
+def format_spec(spec: ast.Spec) -> str:
+    """Canonical text of a spec: one statement a line, ending with a newline (empty for an empty spec)."""
+    return "".join(format_statement(stmt) + "\n" for stmt in spec)

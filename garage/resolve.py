@@ -1,0 +1,225 @@
+"""Spec + model → Plan: every site made concrete (layer, component, module path) for this model.
+
+All problems are collected; `resolve` raises one ResolveError carrying them, `resolve_collect` returns them
+for the validator to merge with its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterator
+
+from torch import nn
+
+from . import spec as ast
+from .archs import ModelInfo
+from .diagnostics import Diagnostic, ResolveError, Source, Span, did_you_mean, raise_if_errors
+from .formatter import format_positions, format_string
+
+SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
+
+
+@dataclass(frozen=True)
+class ConcreteSite:
+    """One hidden state of one model. `module_path` is the module whose output it is (its input, for "in")."""
+
+    kind: SiteKind
+    layer: int | None
+    module_path: str
+    positions: ast.Positions | None = None
+
+    @property
+    def label(self) -> str:
+        """The canonical spelling, e.g. `h.6.mlp`, `embed`, `final`, `"model.layers.2.mlp.up_proj"`."""
+        if self.kind == "in" and self.layer == 0:
+            text = "embed"
+        elif self.kind == "final":
+            text = "final"
+        elif self.kind == "module":
+            text = format_string(self.module_path)
+        else:
+            text = f"h.{self.layer}" + ("" if self.kind == "out" else f".{self.kind}")
+        return text + format_positions(self.positions)
+
+    @property
+    def key(self) -> tuple[SiteKind, str]:
+        """Sites with the same key are the same tensor, whatever their positions."""
+        return (self.kind, self.module_path)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op at one concrete site, from statement number `statement` (0-based) of the spec."""
+
+    site: ConcreteSite
+    op: ast.Op
+    span: Span
+    statement: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    info: ModelInfo
+    spec: ast.Spec
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class _Unresolved(Exception):
+    def __init__(self, span: Span, message: str, hint: str | None = None) -> None:
+        self.span, self.message, self.hint = span, message, hint
+
+
+# ------------------------------------------------------------------ layer indices
+def _index(expr: ast.IndexExpr, n: int) -> int:
+    if isinstance(expr, ast.Index):
+        value = expr.value + n if expr.value < 0 else expr.value
+        written = str(expr.value)
+    elif isinstance(expr, ast.NIndex):
+        value = n + expr.offset
+        written = "N" if expr.offset == 0 else f"N{expr.offset:+d}"
+    else:
+        value = int(Fraction(repr(expr.percent)) * n // 100)
+        written = f"{expr.percent:g}%"
+    if not 0 <= value < n:
+        shown = written if written == str(value) else f"{written} (= {value})"
+        raise _Unresolved(
+            expr.span,
+            f"layer {shown} is out of range: this model has {n} layers (0..{n - 1})",
+            f"use an index in 0..{n - 1}, -1 or N-1 for the last block",
+        )
+    return value
+
+
+def layer_indices(sel: ast.LayerSelector, n: int) -> list[int]:
+    """The block indices a selector names on a model of n blocks, in order, without repeats."""
+    if isinstance(sel, ast.AllLayers):
+        return list(range(n))
+    if isinstance(sel, ast.LayerRange):
+        start, end = _index(sel.start, n), _index(sel.end, n)
+        if end < start:
+            raise _Unresolved(sel.span, f"empty layer range: {start} > {end}", f"write {end}..{start}")
+        return list(range(start, end + 1))
+    if isinstance(sel, ast.LayerSet):
+        return list(dict.fromkeys(i for item in sel.items for i in layer_indices(item, n)))
+    return [_index(sel, n)]
+
+
+# ------------------------------------------------------------------ sites
+def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
+    rel = {"attn": info.attn, "mlp": info.mlp}.get(kind)
+    if kind in ("attn", "mlp") and rel is None:
+        raise _Unresolved(span, f"this model ({info.model_type}) has no {kind} sublayer that garage knows", _ARCH_HINT)
+    return info.block(layer) + (f".{rel}" if rel else "")
+
+
+_ARCH_HINT = "name the module by its quoted path, or add a row for this model_type to garage.archs.ARCHS"
+
+
+def _classify(info: ModelInfo, path: str, positions: ast.Positions | None) -> ConcreteSite:
+    """A module path, named as the site garage knows it by when it is one (block, attn, mlp, final)."""
+    if path == info.final_norm:
+        return ConcreteSite("final", None, path, positions)
+    prefix = info.blocks + "."
+    if path.startswith(prefix):
+        head, _, rest = path[len(prefix):].partition(".")
+        if head.isdigit():
+            layer = int(head)
+            kind = {"": "out", info.attn: "attn", info.mlp: "mlp"}.get(rest, "module")
+            return ConcreteSite(kind, layer, path, positions)
+    return ConcreteSite("module", None, path, positions)
+
+
+def _module_path(info: ModelInfo, path: str, span: Span, scope: str = "") -> str:
+    if path in info.module_names:
+        return path
+    pool = [n[len(scope):] for n in info.module_names if n.startswith(scope) and n != scope] if scope else info.module_names
+    wanted = path[len(scope):] if scope else path
+    hint = did_you_mean(wanted, pool) or "list the model's modules with model.named_modules()"
+    where = f"in block {scope[len(info.blocks) + 1:-1]}" if scope else "in this model"
+    raise _Unresolved(span, f"no module '{wanted}' {where}", hint)
+
+
+def _check_container(info: ModelInfo, site: ast.BlockSite) -> None:
+    if site.container is None:
+        return
+    written = ".".join(site.container)
+    if written not in info.block_container_names:
+        raise _Unresolved(
+            site.span,
+            f"'{written}' is not this model's block list ({info.blocks})",
+            f"write h.I or {info.blocks}.I",
+        )
+
+
+def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
+    """Every concrete site that one written site names on this model."""
+    if isinstance(site, ast.NamedSite):
+        if site.name == "embed":
+            return [ConcreteSite("in", 0, info.block(0), site.positions)]
+        if info.final_norm is None:
+            raise _Unresolved(site.span, f"this model ({info.model_type}) has no final norm", "use h.-1 for the last block's output")
+        return [ConcreteSite("final", None, info.final_norm, site.positions)]
+    if isinstance(site, ast.ModuleSite):
+        return [_classify(info, _module_path(info, site.path, site.span), site.positions)]
+
+    _check_container(info, site)
+    sites = []
+    for layer in layer_indices(site.layers, info.num_layers):
+        if site.subpath:
+            scope = info.block(layer) + "."
+            path = _module_path(info, scope + ".".join(site.subpath), site.span, scope)
+            sites.append(_classify(info, path, site.positions))
+        elif site.component in ("in", "out"):
+            sites.append(ConcreteSite(site.component, layer, info.block(layer), site.positions))
+        else:
+            sites.append(ConcreteSite(site.component, layer, _component_path(info, site.component, layer, site.span), site.positions))
+    return sites
+
+
+# ------------------------------------------------------------------ expectations
+def _check_expect(info: ModelInfo, stmt: ast.Expect) -> None:
+    actual = {"layers": info.num_layers, "hidden": info.hidden_size, "model": info.model_type}[stmt.key]
+    if actual != stmt.value:
+        wanted = {
+            "layers": f"expected {stmt.value} layers, but this model has {actual}",
+            "hidden": f"expected hidden size {stmt.value}, but this model's is {actual}",
+            "model": f"expected model type {format_string(str(stmt.value))}, but this model is {format_string(str(actual))}",
+        }[stmt.key]
+        raise _Unresolved(
+            stmt.span,
+            wanted,
+            "this spec was written for another model; change the expect line if it fits this one",
+        )
+
+
+# ------------------------------------------------------------------ entry points
+def resolve_collect(spec: ast.Spec, info: ModelInfo) -> tuple[Plan, list[Diagnostic]]:
+    """The plan of every statement that resolves, and a diagnostic for each that does not."""
+    source: Source = spec.source
+    steps: list[Step] = []
+    diagnostics: list[Diagnostic] = []
+    for number, stmt in enumerate(spec):
+        try:
+            if isinstance(stmt, ast.Expect):
+                _check_expect(info, stmt)
+                continue
+            for site in concrete_sites(info, stmt.site):
+                steps.append(Step(site, stmt.op, stmt.span, number))
+        except _Unresolved as problem:
+            diagnostics.append(source.diagnostic(problem.span, problem.message, problem.hint))
+    return Plan(tuple(steps), info, spec), diagnostics
+
+
+def resolve(spec: ast.Spec, model: nn.Module | ModelInfo) -> Plan:
+    """Make every site of the spec concrete for this model. Raises ResolveError with every problem."""
+    info = model if isinstance(model, ModelInfo) else ModelInfo.from_model(model)
+    plan, diagnostics = resolve_collect(spec, info)
+    raise_if_errors(diagnostics, ResolveError)
+    return plan

@@ -1,0 +1,292 @@
+"""The typed, immutable AST of a .garage spec.
+
+Every node carries the span it came from. Spans never take part in equality, so two specs that say
+the same thing compare equal however they were spelt (this is what the formatter round-trip relies on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Literal, Union
+
+from .diagnostics import Source, Span
+
+NO_SPAN = Span(0, 0, 1)
+
+
+def _span() -> Span:
+    return field(default=NO_SPAN, compare=False, repr=False)
+
+
+# ------------------------------------------------------------------ layer indices
+@dataclass(frozen=True)
+class Index:
+    """`6`, or `-1` counting from the end."""
+
+    value: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class NIndex:
+    """`N-4`, `N+0`, `N`: arithmetic on the number of blocks."""
+
+    offset: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class PercentIndex:
+    """`87.5%`: floor(percent / 100 × N)."""
+
+    percent: float
+    span: Span = _span()
+
+
+IndexExpr = Union[Index, NIndex, PercentIndex]
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """`2..5`, inclusive at both ends."""
+
+    start: IndexExpr
+    end: IndexExpr
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class AllLayers:
+    """`*`: every block."""
+
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    """`{1, 4, N-1}`."""
+
+    items: tuple[Union[IndexExpr, LayerRange], ...]
+    span: Span = _span()
+
+
+LayerSelector = Union[IndexExpr, LayerRange, AllLayers, LayerSet]
+
+
+# ------------------------------------------------------------------ token positions
+PositionKind = Literal["last", "prompt", "new", "index", "slice"]
+
+
+@dataclass(frozen=True)
+class Positions:
+    """`[last]`, `[prompt]`, `[new]`, `[i]` or `[a:b]`: which sequence positions an op touches."""
+
+    kind: PositionKind
+    start: int | None = None
+    stop: int | None = None
+    span: Span = _span()
+
+
+# ------------------------------------------------------------------ sites
+COMPONENTS = ("out", "in", "attn", "mlp")
+LAYER_ALIASES = ("h", "layer", "layers", "blocks")
+NAMED_SITES = ("embed", "final")
+
+
+@dataclass(frozen=True)
+class BlockSite:
+    """A site in one or more decoder blocks: `h.6`, `h.2..5.mlp`, `N-4`, `transformer.h.6.attn.c_proj`.
+
+    `container` is None for an alias (`h`, `layers`, …) or a bare index, else the model's own container
+    path as written (`("transformer", "h")`). `subpath` is a module path inside the block; when it is
+    set, `component` is "module".
+    """
+
+    layers: LayerSelector
+    component: str = "out"
+    subpath: tuple[str, ...] = ()
+    container: tuple[str, ...] | None = None
+    positions: Positions | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class NamedSite:
+    """`embed` or `final`."""
+
+    name: str
+    positions: Positions | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """The output of the module at a dotted path: `"a.b.c"` or an unquoted `transformer.ln_f`."""
+
+    path: str
+    positions: Positions | None = None
+    span: Span = _span()
+
+
+Site = Union[BlockSite, NamedSite, ModuleSite]
+
+
+# ------------------------------------------------------------------ values
+@dataclass(frozen=True)
+class FileValue:
+    """A tensor in a `.safetensors` or `.pt` file, optionally named by `#key`."""
+
+    path: str
+    key: str | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class BoundValue:
+    """A name bound in Python through `bind={...}`."""
+
+    name: str
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """`model "path-or-id"`: a live source model for a blade."""
+
+    path: str
+    span: Span = _span()
+
+
+Value = Union[FileValue, BoundValue]
+BladeSource = Union[FileValue, BoundValue, ModelSource]
+
+
+# ------------------------------------------------------------------ ops
+@dataclass(frozen=True)
+class Scale:
+    keyword: ClassVar[str] = "scale"
+    factor: float
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Add:
+    keyword: ClassVar[str] = "add"
+    value: Value
+    factor: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Ablate:
+    keyword: ClassVar[str] = "ablate"
+    value: Value
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Zero:
+    keyword: ClassVar[str] = "zero"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Clamp:
+    keyword: ClassVar[str] = "clamp"
+    low: float
+    high: float
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Noise:
+    keyword: ClassVar[str] = "noise"
+    std: float
+    always: bool = False
+    span: Span = _span()
+
+
+KwargValue = Union[float, str, bool, None]
+
+
+@dataclass(frozen=True)
+class ModuleOp:
+    keyword: ClassVar[str] = "module"
+    name: str
+    kwargs: tuple[tuple[str, KwargValue], ...] = ()
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Blade:
+    """`blade METHOD [from SOURCE] [project KIND] [alpha F]`; method None is the bare self-debate chamber."""
+
+    keyword: ClassVar[str] = "blade"
+    method: str | None = None
+    source: BladeSource | None = None
+    project: str | None = None
+    alpha: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Debate:
+    keyword: ClassVar[str] = "debate"
+    method: str
+    views: str | None = None
+    strength: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Capture:
+    keyword: ClassVar[str] = "capture"
+    name: str
+    span: Span = _span()
+
+
+Op = Union[Scale, Add, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Capture]
+OP_KEYWORDS = ("scale", "add", "ablate", "zero", "clamp", "noise", "module", "blade", "debate", "capture")
+
+
+# ------------------------------------------------------------------ statements
+@dataclass(frozen=True)
+class At:
+    """`at SITE OP`."""
+
+    site: Site
+    op: Op
+    span: Span = _span()
+
+
+EXPECT_KEYS = ("layers", "hidden", "model")
+
+
+@dataclass(frozen=True)
+class Expect:
+    """`expect layers 12` · `expect hidden 768` · `expect model "gpt2"`."""
+
+    key: str
+    value: int | str
+    span: Span = _span()
+
+
+Statement = Union[At, Expect]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed spec: its statements in file order, and the source they came from."""
+
+    statements: tuple[Statement, ...]
+    source: Source = field(default_factory=lambda: Source(""), compare=False, repr=False)
+
+    def __iter__(self) -> Iterator[Statement]:
+        return iter(self.statements)
+
+    def __len__(self) -> int:
+        return len(self.statements)
+
+    @property
+    def filename(self) -> str:
+        return self.source.filename
