@@ -1,8 +1,11 @@
 """garage: a declarative injection compiler for transformer models."""
 
 from .archs import ARCHS, ArchRow, ModelInfo
+from .compiler import compile, hook
 from .diagnostics import Diagnostic, GarageError, ResolveError, SpecError, ValidationError
 from .formatter import format_spec as format
+from .ops import register
+from .package import InjectedModel
 from .parse import load, parse
 from .resolve import ConcreteSite, Plan, Step, resolve
 from .spec import Spec
@@ -13,6 +16,7 @@ __all__ = [
     "ConcreteSite",
     "Diagnostic",
     "GarageError",
+    "InjectedModel",
     "ModelInfo",
     "Plan",
     "ResolveError",
@@ -20,8 +24,11 @@ __all__ = [
     "SpecError",
     "Step",
     "ValidationError",
+    "compile",
     "format",
+    "hook",
     "load",
     "parse",
+    "register",
     "resolve",
 ]

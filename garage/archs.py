@@ -22,6 +22,7 @@ class ArchRow:
 
 
 _LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm", "embed_tokens")
+_GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm", "embed_tokens")
 
 ARCHS: dict[str, ArchRow] = {
     "gpt2": ArchRow("h", "attn", "mlp", "ln_f", "wte"),
@@ -32,9 +33,10 @@ ARCHS: dict[str, ArchRow] = {
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    # Gemma 2/3 normalise each sublayer's output before the residual add: that norm's output is the site.
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
     "mixtral": _LLAMA_LIKE,
     "qwen2_moe": _LLAMA_LIKE,
     "qwen3_moe": _LLAMA_LIKE,
@@ -42,7 +44,7 @@ ARCHS: dict[str, ArchRow] = {
     # OPT has no MLP module: fc2's output (flat [batch*seq, hidden]) is the MLP before its residual add.
     "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm", "decoder.embed_tokens"),
     # BERT's `attention` and `output` modules already contain residual + LayerNorm; their dense layers do not.
-    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None, "embeddings"),
+    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None, "embeddings.word_embeddings"),
 }
 
 # Used by discovery, in order of preference.

@@ -111,6 +111,17 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
+class Problem(Exception):
+    """One problem at one span, raised inside a stage and turned into a Diagnostic by that stage's loop."""
+
+    def __init__(self, span: Span | None, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.span, self.message, self.hint = span, message, hint
+
+    def diagnostic(self, source: "Source") -> Diagnostic:
+        return source.diagnostic(self.span, self.message, self.hint)
+
+
 class GarageError(Exception):
     """Every error caused by user input. Carries all its diagnostics; str() renders them."""
 

@@ -12,7 +12,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import spec as ast
-from .diagnostics import Diagnostic, Source, Span, SpecError, did_you_mean, raise_if_errors
+from .diagnostics import Diagnostic, Problem, Source, Span, SpecError, did_you_mean, raise_if_errors
 
 
 @lru_cache(maxsize=1)
@@ -141,11 +141,6 @@ def _syntax_diagnostic(err: UnexpectedInput, chunk: _Chunk, source: Source) -> D
 
 
 # ------------------------------------------------------------------ tree → AST
-class _Problem(Exception):
-    """A semantic error found while building the AST of one statement."""
-
-    def __init__(self, span: Span, message: str, hint: str | None = None) -> None:
-        self.span, self.message, self.hint = span, message, hint
 
 
 def _span_of(node: Tree | Token, chunk: _Chunk) -> Span:
@@ -182,7 +177,7 @@ def _file_value(text: str, span: Span) -> ast.FileValue:
 
 @v_args(meta=True)
 class _ToAst(Transformer):
-    """Builds AST nodes from the lark tree of one statement; raises _Problem on semantic errors."""
+    """Builds AST nodes from the lark tree of one statement; raises Problem on semantic errors."""
 
     def __init__(self, chunk: _Chunk) -> None:
         super().__init__()
@@ -203,12 +198,12 @@ class _ToAst(Transformer):
         sign = -1.0 if len(children) == 2 and children[0] == "-" else 1.0
         value = sign * float(children[-1])
         if not math.isfinite(value):
-            raise _Problem(self._span(meta), f"number {''.join(children)} is too large", "use a finite number")
+            raise Problem(self._span(meta), f"number {''.join(children)} is too large", "use a finite number")
         return value
 
     def _int(self, tok: Token, what: str) -> int:
         if len(tok) > 9:
-            raise _Problem(self._tok(tok), f"{what} {tok} is too large")
+            raise Problem(self._tok(tok), f"{what} {tok} is too large")
         return int(tok)
 
     # statements ------------------------------------------------------
@@ -223,10 +218,10 @@ class _ToAst(Transformer):
         key, value = children
         if key == "model":
             if value.type != "STRING":
-                raise _Problem(self._tok(value), "`expect model` takes a quoted model type", 'write expect model "gpt2"')
+                raise Problem(self._tok(value), "`expect model` takes a quoted model type", 'write expect model "gpt2"')
             return ast.Expect(key, _unquote(value), self._span(meta))
         if value.type != "INT":
-            raise _Problem(self._tok(value), f"`expect {key}` takes an integer", f"write expect {key} 12")
+            raise Problem(self._tok(value), f"`expect {key}` takes an integer", f"write expect {key} 12")
         return ast.Expect(key, self._int(value, key), self._span(meta))
 
     # sites -----------------------------------------------------------
@@ -247,7 +242,7 @@ class _ToAst(Transformer):
             if name in ast.NAMED_SITES:
                 return ast.NamedSite(name, span=self._span(meta))
             if name in ast.LAYER_ALIASES:
-                raise _Problem(self._span(meta), f"'{name}' needs a layer index", f"write {name}.6 or {name}.N-4")
+                raise Problem(self._span(meta), f"'{name}' needs a layer index", f"write {name}.6 or {name}.N-4")
             return ast.ModuleSite(name, span=self._span(meta))
         container = None if path in [(a,) for a in ast.LAYER_ALIASES] else path
         return self._block_site(meta, container, children[1], children[2] if len(children) > 2 else ())
@@ -279,7 +274,7 @@ class _ToAst(Transformer):
     def index_percent(self, meta, children):
         percent = float(children[0][:-1])
         if percent > 100:
-            raise _Problem(self._span(meta), f"{children[0]} is more than 100%", "use a depth between 0% and 100%")
+            raise Problem(self._span(meta), f"{children[0]} is more than 100%", "use a depth between 0% and 100%")
         return ast.PercentIndex(percent, self._span(meta))
 
     def layer_range(self, meta, children):
@@ -308,7 +303,7 @@ class _ToAst(Transformer):
 
     def pos_neg(self, meta, children):
         if children[1] != "1":
-            raise _Problem(
+            raise Problem(
                 self._span(meta),
                 f"position -{children[1]} is not supported: only -1 (the last position) counts from the end",
                 "use [last], [i] or [a:b] with absolute positions",
@@ -320,7 +315,7 @@ class _ToAst(Transformer):
         start = self._int(children[0], "position") if colon == 1 else None
         stop = self._int(children[-1], "position") if colon < len(children) - 1 else None
         if start is not None and stop is not None and stop <= start:
-            raise _Problem(self._span(meta), f"empty position range [{start}:{stop}]", "the end must exceed the start")
+            raise Problem(self._span(meta), f"empty position range [{start}:{stop}]", "the end must exceed the start")
         return ast.Positions("slice", start, stop)
 
     # values ----------------------------------------------------------
@@ -349,13 +344,13 @@ class _ToAst(Transformer):
     def clamp(self, meta, children):
         low, high = children
         if low > high:
-            raise _Problem(self._span(meta), f"clamp bounds are reversed: {low:g} > {high:g}", "write clamp LO HI")
+            raise Problem(self._span(meta), f"clamp bounds are reversed: {low:g} > {high:g}", "write clamp LO HI")
         return ast.Clamp(low, high, self._span(meta))
 
     def noise(self, meta, children):
         std = children[0]
         if std < 0:
-            raise _Problem(self._span(meta), f"noise std must be non-negative, got {std:g}")
+            raise Problem(self._span(meta), f"noise std must be non-negative, got {std:g}")
         return ast.Noise(std, len(children) > 1, self._span(meta))
 
     def always(self, meta, children):
@@ -369,7 +364,7 @@ class _ToAst(Transformer):
         seen: set[str] = set()
         for name, _value, span in children:
             if name in seen:
-                raise _Problem(span, f"argument '{name}' is given twice")
+                raise Problem(span, f"argument '{name}' is given twice")
             seen.add(name)
         return tuple((name, value) for name, value, _ in children)
 
@@ -382,7 +377,7 @@ class _ToAst(Transformer):
     def lit_name(self, meta, children):
         words = {"true": True, "false": False, "none": None}
         if children[0].lower() not in words:
-            raise _Problem(self._span(meta), f"'{children[0]}' is not a value", "use a number, a quoted string, true, false or none")
+            raise Problem(self._span(meta), f"'{children[0]}' is not a value", "use a number, a quoted string, true, false or none")
         return words[children[0].lower()]
 
     def blade_method(self, meta, children):
@@ -394,7 +389,7 @@ class _ToAst(Transformer):
         found: dict = {}
         for key, value, span in children:
             if key in found:
-                raise _Problem(span, f"'{key}' is given twice in one statement", f"keep one '{key}' clause")
+                raise Problem(span, f"'{key}' is given twice in one statement", f"keep one '{key}' clause")
             found[key] = value
         return found
 
@@ -441,10 +436,9 @@ def parse(text: str, filename: str | os.PathLike | None = None) -> ast.Spec:
         except UnexpectedInput as err:
             diagnostics.append(_syntax_diagnostic(err, chunk, source))
         except VisitError as err:
-            if not isinstance(err.orig_exc, _Problem):
+            if not isinstance(err.orig_exc, Problem):
                 raise
-            problem = err.orig_exc
-            diagnostics.append(source.diagnostic(problem.span, problem.message, problem.hint))
+            diagnostics.append(err.orig_exc.diagnostic(source))
     raise_if_errors(diagnostics, SpecError)
     return ast.Spec(tuple(statements), source)
 

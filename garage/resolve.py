@@ -14,7 +14,7 @@ from torch import nn
 
 from . import spec as ast
 from .archs import ModelInfo
-from .diagnostics import Diagnostic, ResolveError, Source, Span, did_you_mean, raise_if_errors
+from .diagnostics import Diagnostic, Problem, ResolveError, Source, Span, did_you_mean, raise_if_errors
 from .formatter import format_positions, format_string
 
 SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
@@ -71,9 +71,6 @@ class Plan:
         return len(self.steps)
 
 
-class _Unresolved(Exception):
-    def __init__(self, span: Span, message: str, hint: str | None = None) -> None:
-        self.span, self.message, self.hint = span, message, hint
 
 
 # ------------------------------------------------------------------ layer indices
@@ -89,7 +86,7 @@ def _index(expr: ast.IndexExpr, n: int) -> int:
         written = f"{expr.percent:g}%"
     if not 0 <= value < n:
         shown = written if written == str(value) else f"{written} (= {value})"
-        raise _Unresolved(
+        raise Problem(
             expr.span,
             f"layer {shown} is out of range: this model has {n} layers (0..{n - 1})",
             f"use an index in 0..{n - 1}, -1 or N-1 for the last block",
@@ -104,7 +101,7 @@ def layer_indices(sel: ast.LayerSelector, n: int) -> list[int]:
     if isinstance(sel, ast.LayerRange):
         start, end = _index(sel.start, n), _index(sel.end, n)
         if end < start:
-            raise _Unresolved(sel.span, f"empty layer range: {start} > {end}", f"write {end}..{start}")
+            raise Problem(sel.span, f"empty layer range: {start} > {end}", f"write {end}..{start}")
         return list(range(start, end + 1))
     if isinstance(sel, ast.LayerSet):
         return list(dict.fromkeys(i for item in sel.items for i in layer_indices(item, n)))
@@ -115,7 +112,7 @@ def layer_indices(sel: ast.LayerSelector, n: int) -> list[int]:
 def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
     rel = {"attn": info.attn, "mlp": info.mlp}.get(kind)
     if kind in ("attn", "mlp") and rel is None:
-        raise _Unresolved(span, f"this model ({info.model_type}) has no {kind} sublayer that garage knows", _ARCH_HINT)
+        raise Problem(span, f"this model ({info.model_type}) has no {kind} sublayer that garage knows", _ARCH_HINT)
     return info.block(layer) + (f".{rel}" if rel else "")
 
 
@@ -143,7 +140,7 @@ def _module_path(info: ModelInfo, path: str, span: Span, scope: str = "") -> str
     wanted = path[len(scope):] if scope else path
     hint = did_you_mean(wanted, pool) or "list the model's modules with model.named_modules()"
     where = f"in block {scope[len(info.blocks) + 1:-1]}" if scope else "in this model"
-    raise _Unresolved(span, f"no module '{wanted}' {where}", hint)
+    raise Problem(span, f"no module '{wanted}' {where}", hint)
 
 
 def _check_container(info: ModelInfo, site: ast.BlockSite) -> None:
@@ -151,7 +148,7 @@ def _check_container(info: ModelInfo, site: ast.BlockSite) -> None:
         return
     written = ".".join(site.container)
     if written not in info.block_container_names:
-        raise _Unresolved(
+        raise Problem(
             site.span,
             f"'{written}' is not this model's block list ({info.blocks})",
             f"write h.I or {info.blocks}.I",
@@ -164,7 +161,7 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
         if site.name == "embed":
             return [ConcreteSite("in", 0, info.block(0), site.positions)]
         if info.final_norm is None:
-            raise _Unresolved(site.span, f"this model ({info.model_type}) has no final norm", "use h.-1 for the last block's output")
+            raise Problem(site.span, f"this model ({info.model_type}) has no final norm", "use h.-1 for the last block's output")
         return [ConcreteSite("final", None, info.final_norm, site.positions)]
     if isinstance(site, ast.ModuleSite):
         return [_classify(info, _module_path(info, site.path, site.span), site.positions)]
@@ -192,7 +189,7 @@ def _check_expect(info: ModelInfo, stmt: ast.Expect) -> None:
             "hidden": f"expected hidden size {stmt.value}, but this model's is {actual}",
             "model": f"expected model type {format_string(str(stmt.value))}, but this model is {format_string(str(actual))}",
         }[stmt.key]
-        raise _Unresolved(
+        raise Problem(
             stmt.span,
             wanted,
             "this spec was written for another model; change the expect line if it fits this one",
@@ -212,8 +209,8 @@ def resolve_collect(spec: ast.Spec, info: ModelInfo) -> tuple[Plan, list[Diagnos
                 continue
             for site in concrete_sites(info, stmt.site):
                 steps.append(Step(site, stmt.op, stmt.span, number))
-        except _Unresolved as problem:
-            diagnostics.append(source.diagnostic(problem.span, problem.message, problem.hint))
+        except Problem as problem:
+            diagnostics.append(problem.diagnostic(source))
     return Plan(tuple(steps), info, spec), diagnostics
 
 

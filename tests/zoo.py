@@ -19,6 +19,8 @@ go past it. Dropout probabilities are 0. ``use_cache`` keeps the family default.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 import transformers as hf
@@ -145,7 +147,7 @@ def _entry(name: str) -> tuple[type, type, type, dict]:
 def tiny_config(name: str, **overrides) -> PretrainedConfig:
     """The tiny config for ``name``; ``overrides`` replace/extend the config kwargs."""
     config_cls, head_cls, _, kwargs = _entry(name)
-    kwargs = {**kwargs, **overrides}
+    kwargs = copy.deepcopy({**kwargs, **overrides})  # no shared lists between configs
     config = config_cls(**kwargs)
     if "attn_implementation" not in overrides:
         config._attn_implementation = "sdpa" if getattr(head_cls, "_supports_sdpa", False) else "eager"

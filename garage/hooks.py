@@ -1,0 +1,109 @@
+"""The hook backend: the same op modules, applied by forward hooks on the eager model.
+
+It is the reference the graph backend is tested against, and the base of the seed-compatible API.
+Hooks are the only thing it adds to the model, and `remove()` takes every one of them away again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .ops import AtPositions
+from .resolve import ConcreteSite
+
+
+@dataclass
+class CallContext:
+    """Per-call facts that position-limited ops need: the attention mask, and prompt lengths when generating."""
+
+    attention_mask: torch.Tensor | None = None
+    prompt_length: torch.Tensor | None = None
+
+
+def apply_ops(modules: Iterable[nn.Module], h: torch.Tensor, ctx: CallContext) -> torch.Tensor:
+    for module in modules:
+        h = module(h, ctx.attention_mask, ctx.prompt_length) if isinstance(module, AtPositions) else module(h)
+    return h
+
+
+def _replace_hidden(output: Any, fn) -> Any:
+    """Apply fn to the hidden state inside a module's output: a tensor, or the first item of a tuple/ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    if hasattr(output, "to_tuple") and len(output) > 0:  # a ModelOutput
+        key = next(iter(output.keys()))
+        output[key] = fn(output[key])
+        return output
+    raise TypeError(f"cannot find a hidden state in a {type(output).__name__} output")
+
+
+@dataclass
+class HookSet:
+    """The hooks attached for one plan; a context manager that removes them all on exit."""
+
+    model: nn.Module
+    handles: list[RemovableHandle] = field(default_factory=list)
+    ctx: CallContext = field(default_factory=CallContext)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module]) -> HookSet:
+    """Hook `modules[i]` onto `sites[i]`; ops at the same site run in the order given."""
+    hooks = HookSet(model)
+    grouped: dict[tuple[str, str], list[nn.Module]] = {}
+    for site, module in zip(sites, modules):
+        grouped.setdefault(site.key, []).append(module)
+
+    def remember_mask(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        hooks.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
+    if any(isinstance(m, AtPositions) for m in modules):
+        hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))
+
+    named = dict(model.named_modules())
+    for (kind, path), group in grouped.items():
+        target = named[path]
+        run = _runner(group, target, hooks.ctx)
+        if kind == "in":
+            hooks.handles.append(target.register_forward_pre_hook(_pre_hook(run), with_kwargs=True))
+        else:
+            hooks.handles.append(target.register_forward_hook(lambda _m, _a, out, run=run: _replace_hidden(out, run)))
+    return hooks
+
+
+def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext):
+    def run(h: torch.Tensor) -> torch.Tensor:
+        for module in group:
+            if module.training != target.training:
+                module.train(target.training)
+        return apply_ops(group, h, ctx)
+
+    return run
+
+
+def _pre_hook(run):
+    """Rewrite a block's incoming hidden state, passed positionally or as `hidden_states=`."""
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (run(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": run(kwargs["hidden_states"])}
+
+    return hook

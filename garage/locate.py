@@ -1,0 +1,85 @@
+"""Find the fx node that holds each site's hidden state, using the `nn_module_stack` that export records.
+
+A module's output is the single [batch, seq, hidden] value (or flat [batch*seq, hidden], as OPT's MLP
+gives) computed inside the module's scope and used outside it. A block's input is the single such value
+computed outside the block and used inside it. A site found zero or several times is an error naming
+the site, never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from .resolve import ConcreteSite
+
+
+class SiteNotFound(Exception):
+    pass
+
+
+def scope_of(node: Node) -> tuple[str, ...]:
+    """The module paths whose forward computed this node, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return tuple(path for path, _type in stack.values())
+
+
+def in_scope(node: Node, path: str) -> bool:
+    return path in scope_of(node)
+
+
+@dataclass(frozen=True)
+class HiddenShape:
+    """The symbolic sizes of batch, sequence and hidden, read from the graph's `input_ids`."""
+
+    batch: str
+    seq: str
+    hidden: int
+
+    @classmethod
+    def of(cls, graph: Graph, hidden: int) -> "HiddenShape":
+        for node in graph.nodes:
+            if node.op == "placeholder" and node.name in ("input_ids", "inputs_embeds"):
+                shape = node.meta["val"].shape
+                return cls(str(shape[0]), str(shape[1]), hidden)
+        raise SiteNotFound("the graph has no input_ids placeholder")
+
+    def matches(self, node: Node) -> bool:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3) or val.shape[-1] != self.hidden:
+            return False
+        dims = tuple(str(d) for d in val.shape[:-1])
+        return dims == (self.batch, self.seq) or dims == (f"{self.batch}*{self.seq}",)
+
+
+def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> list[Node]:
+    if inside:  # module output: made inside, used outside
+        return [
+            n for n in graph.nodes
+            if n.op != "get_attr" and in_scope(n, path) and shape.matches(n)
+            and any(not in_scope(u, path) for u in n.users)
+        ]
+    # block input: made outside, used inside
+    return [
+        n for n in graph.nodes
+        if n.op not in ("get_attr", "output") and not in_scope(n, path) and shape.matches(n)
+        and any(in_scope(u, path) for u in n.users)
+    ]
+
+
+def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape) -> tuple[Node, list[Node]]:
+    """The node holding the site's value, and the users that must see the injected value instead."""
+    inside = site.kind != "in"
+    found = _candidates(graph, site.module_path, shape, inside)
+    if len(found) != 1:
+        what = "output" if inside else "input"
+        names = ", ".join(n.name for n in found) or "none"
+        raise SiteNotFound(
+            f"cannot find the {what} of {site.module_path} in the traced graph: "
+            f"{len(found)} [batch, seq, hidden] values qualify ({names})"
+        )
+    node = found[0]
+    users = [u for u in node.users if in_scope(u, site.module_path) != inside]
+    return node, users

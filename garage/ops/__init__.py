@@ -1,0 +1,19 @@
+"""The ops: each an nn.Module mapping [batch, seq, hidden] to the same shape, used by both backends."""
+
+from .ablate import Ablate
+from .add import Add
+from .base import Op
+from .blade import Blade, ModuleSource, TensorSource
+from .capture import Capture
+from .clamp import Clamp
+from .debate import Debate, chamber
+from .module import REGISTRY, register
+from .noise import Noise
+from .positions import AtPositions
+from .scale import Scale
+from .zero import Zero
+
+__all__ = [
+    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "ModuleSource", "Noise", "Op",
+    "REGISTRY", "Scale", "TensorSource", "Zero", "chamber", "register",
+]

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import torch
+
+from .base import Op
+
+
+class Add(Op):
+    """h ← h + F·v, with v a [hidden] vector."""
+
+    def __init__(self, vector: torch.Tensor, factor: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("vector", vector.detach().clone().reshape(-1))
+        self.scalar("factor", factor)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.factor * self.vector

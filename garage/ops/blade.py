@@ -1,0 +1,66 @@
+"""`blade METHOD from SOURCE [project KIND] [alpha F]`: h ← h + α · g(h) ⊙ b.
+
+b is the source's hidden state, brought to the model's hidden size by `project`. g is 1 for
+`identity`, and a learned per-dimension sigmoid gate for `gated` (zero-initialised, so it starts at 1/2).
+The gate's parameters are trainable and follow the model's dtype and device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Op
+
+DEFAULT_ALPHA = 1.0
+
+
+class TensorSource(nn.Module):
+    """A recorded blade: a [hidden] (or broadcastable [..., hidden]) tensor, projected if it is wider."""
+
+    def __init__(self, blade: torch.Tensor, hidden: int, project: str | None) -> None:
+        super().__init__()
+        blade = blade.detach().clone()
+        width = blade.shape[-1]
+        self.linear = None
+        if project == "topk" and width > hidden:
+            keep = blade.abs().reshape(-1, width).mean(0).topk(hidden).indices.sort().values
+            blade = blade[..., keep]
+        elif project == "linear" and width != hidden:
+            self.linear = nn.Linear(width, hidden, bias=False)
+        self.register_buffer("blade", blade)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.blade if self.linear is None else self.linear(self.blade)
+
+
+class ModuleSource(nn.Module):
+    """A bound module computing the blade from the hidden state: b = module(h)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+
+class Blade(Op):
+    def __init__(self, source: nn.Module, hidden: int, method: str, alpha: float | None = None) -> None:
+        super().__init__()
+        self.source = source
+        self.method = method
+        self.scalar("alpha", DEFAULT_ALPHA if alpha is None else alpha)
+        if method == "gated":
+            self.gate = nn.Linear(hidden, hidden)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b = self.source(h)
+        if self.method == "gated":
+            b = torch.sigmoid(self.gate(h)) * b
+        return h + self.alpha * b
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, alpha={self.alpha.item():g}"

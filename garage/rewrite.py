@@ -1,0 +1,102 @@
+"""Base graph + located sites + op modules → injected GraphModule (ops inserted as call_module nodes).
+
+Sites are located once per base graph and remembered by node name, so rewriting a second spec on the
+same model costs a graph copy and a recompile, not a search. Ops at one site run in file order; sites run
+in the order the model computes them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .locate import HiddenShape, locate
+from .ops import AtPositions
+from .resolve import ConcreteSite
+from .trace import fresh_copy
+
+OP_PREFIX = "garage_op_"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a site lives in a base graph, by node name: its value, the users to redirect, its order."""
+
+    node: str
+    users: tuple[str, ...]
+    order: int
+
+
+_LOCATIONS: "weakref.WeakKeyDictionary[GraphModule, dict[tuple[str, str], Location]]" = weakref.WeakKeyDictionary()
+
+
+def site_location(base: GraphModule, site: ConcreteSite, hidden: int) -> Location:
+    """The location of a site in a base graph, found once and remembered."""
+    known = _LOCATIONS.setdefault(base, {})
+    if site.key not in known:
+        order = {n.name: i for i, n in enumerate(base.graph.nodes)}
+        node, users = locate(base.graph, site, HiddenShape.of(base.graph, hidden))
+        # A block's input is the previous block's output: its ops come after that block's ops.
+        known[site.key] = Location(node.name, tuple(u.name for u in users), 2 * order[node.name] + (site.kind == "in"))
+    return known[site.key]
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """One op module placed in the injected graph, for explain()."""
+
+    index: int
+    node: str
+
+
+def inject(
+    base: GraphModule, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module], hidden: int
+) -> tuple[GraphModule, list[Inserted]]:
+    """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed."""
+    locations = [site_location(base, site, hidden) for site in sites]
+    gm = fresh_copy(base)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    mask = nodes.get("attention_mask")
+    seen: dict[tuple[str, str], Node] = {}  # (site node, user) → the value that user currently reads
+    inserted: list[Inserted] = []
+
+    # Group ops by site, keeping file order inside a site; visit sites in compute order.
+    by_site: dict[tuple[str, str], list[int]] = {}
+    for i, site in enumerate(sites):
+        by_site.setdefault(site.key, []).append(i)
+    for key in sorted(by_site, key=lambda k: locations[by_site[k][0]].order):
+        loc = locations[by_site[key][0]]
+        origin = nodes[loc.node]
+        users = [nodes[u] for u in loc.users]
+        current = seen.get((loc.node, loc.users[0]), origin)
+        value = current
+        for i in by_site[key]:
+            name = f"{OP_PREFIX}{i}"
+            gm.add_submodule(name, modules[i])
+            extra = (mask,) if isinstance(modules[i], AtPositions) and mask is not None else ()
+            with gm.graph.inserting_after(value):
+                new = gm.graph.call_module(name, (value, *extra))
+            new.meta["val"] = origin.meta.get("val")
+            value = new
+            inserted.append(Inserted(i, new.name))
+        for user in users:
+            user.replace_input_with(current, value)
+            seen[(loc.node, user.name)] = value
+    gm.graph.lint()
+    gm.recompile()
+    return gm, sorted(inserted, key=lambda x: x.index)
+
+
+def op_modules(gm: GraphModule) -> dict[str, nn.Module]:
+    return {name: m for name, m in gm.named_children() if name.startswith(OP_PREFIX)}
+
+
+def is_injected(node: Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(OP_PREFIX)
+
+
+__all__ = ["Inserted", "Location", "inject", "is_injected", "op_modules", "site_location"]

@@ -1,0 +1,93 @@
+"""Model → base GraphModule, by torch.export (non-strict) with dynamic batch and sequence.
+
+Tracing costs seconds, so base graphs are cached per model and input signature: compiling a second
+spec on the same model reuses the graph. The user's model is left exactly as it was: the config's
+`use_cache` is set only for the duration of the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+Signature = tuple[tuple[str, torch.dtype], ...]
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.fx.GraphModule]]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # above 1, so export keeps both dimensions symbolic
+
+
+def signature(inputs: Mapping[str, torch.Tensor]) -> Signature:
+    return tuple(sorted((name, t.dtype) for name, t in inputs.items()))
+
+
+@contextlib.contextmanager
+def _scoring_config(model: nn.Module) -> Iterator[None]:
+    """use_cache=False while exporting; set on the config, since as a kwarg it would become a graph input."""
+    config = model.config
+    had = "use_cache" in config.__dict__
+    old = config.__dict__.get("use_cache")
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        if had:
+            config.use_cache = old
+        else:
+            config.__dict__.pop("use_cache", None)
+
+
+def example_inputs(model: nn.Module, sig: Signature) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 2) or 2)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, dtype in sig:
+        if name == "attention_mask":
+            out[name] = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=dtype, device=device)
+        elif name == "input_ids":
+            out[name] = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g).to(device, dtype)
+        else:
+            out[name] = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=dtype, device=device)
+    return out
+
+
+def export_scoring(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
+    """A fresh export of the model for full-sequence scoring, batch and sequence dynamic."""
+    inputs = example_inputs(model, sig)
+    dims = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
+    with _scoring_config(model), torch.no_grad():
+        program = torch.export.export(model, (), inputs, strict=False, dynamic_shapes=dims)
+    return program.module()
+
+
+def base_graph(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
+    """The cached base graph of this model for this input signature, exported on first use."""
+    key = (sig, model.training, next(model.parameters()).device, next(model.parameters()).dtype)
+    with _LOCK:
+        per_model = _CACHE.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = export_scoring(model, sig)
+        return per_model[key]
+
+
+def is_cached(model: nn.Module) -> bool:
+    return bool(_CACHE.get(model))
+
+
+def fresh_copy(base: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of the graph, sharing the base's parameters (no weights copied)."""
+    graph = torch.fx.Graph()
+    graph._codegen = base.graph._codegen  # keeps the pytree calling convention of the exported module
+    output = graph.graph_copy(base.graph, {})
+    graph.output(output)
+    gm = torch.fx.GraphModule(base, graph, class_name=type(base).__name__)
+    for attr in ("_in_spec", "_out_spec", "meta"):
+        if hasattr(base, attr):
+            setattr(gm, attr, getattr(base, attr))
+    return gm
