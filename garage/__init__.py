@@ -9,6 +9,7 @@ from .package import InjectedModel
 from .parse import load, parse
 from .resolve import ConcreteSite, Plan, Step, resolve
 from .spec import Spec
+from .validate import Report, check
 
 __all__ = [
     "ARCHS",
@@ -19,11 +20,13 @@ __all__ = [
     "InjectedModel",
     "ModelInfo",
     "Plan",
+    "Report",
     "ResolveError",
     "Spec",
     "SpecError",
     "Step",
     "ValidationError",
+    "check",
     "compile",
     "format",
     "hook",

@@ -44,6 +44,48 @@ def _bind_hint(name: str, ctx: BuildContext) -> str:
     return near or f'pass it to garage: bind={{"{name}": ...}}'
 
 
+def _float_tensor(tensor: torch.Tensor, value: ast.BladeSource) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise Problem(value.span, f"{_shown(value)} holds {str(tensor.dtype).replace('torch.', '')} values, not floating point",
+                      "convert it with .float() before saving or binding it")
+    return tensor
+
+
+def _shown(value: ast.BladeSource) -> str:
+    return f"'{value.name}'" if isinstance(value, ast.BoundValue) else value.path
+
+
+def vector(value: ast.Value, ctx: BuildContext) -> torch.Tensor:
+    """A [hidden] vector for add/ablate, checked against the model's hidden size (the Same-Dimension rule)."""
+    tensor = _float_tensor(load_value(value, ctx).tensor, value)
+    if tensor.numel() != ctx.hidden:
+        raise Problem(
+            value.span,
+            f"{_shown(value)} has {tensor.numel()} values {list(tensor.shape)} but this model's hidden size is {ctx.hidden}",
+            f"use a [{ctx.hidden}] vector (the Same-Dimension rule), or a blade with `project topk` or `project linear`",
+        )
+    return tensor.reshape(ctx.hidden)
+
+
+def blade_tensor(op: ast.Blade, ctx: BuildContext) -> tuple[torch.Tensor, dict[str, str]]:
+    """A recorded blade, checked for width against the model (or the projection that makes it fit)."""
+    loaded = load_value(op.source, ctx, "tensor or module")
+    tensor = _float_tensor(loaded.tensor, op.source)
+    width = tensor.shape[-1] if tensor.dim() else 1
+    recorded = loaded.metadata.get("hidden_size")
+    if op.project is None and (width != ctx.hidden or (recorded and recorded.isdigit() and int(recorded) != ctx.hidden)):
+        source_width = int(recorded) if recorded and recorded.isdigit() else width
+        raise Problem(
+            op.source.span,
+            f"blade {_shown(op.source)} comes from a source with hidden size {source_width}, but this model's is {ctx.hidden}",
+            "source and target must share hidden dimensions (the Same-Dimension rule): add `project topk` or `project linear`",
+        )
+    if op.project == "topk" and width < ctx.hidden:
+        raise Problem(op.source.span, f"`project topk` cannot widen a blade of width {width} to {ctx.hidden}",
+                      "use `project linear`")
+    return tensor, loaded.metadata
+
+
 def _module(op: ast.ModuleOp, ctx: BuildContext) -> nn.Module:
     if op.name in ctx.bind:
         bound = ctx.bind[op.name]
@@ -71,14 +113,23 @@ def _blade(op: ast.Blade, ctx: BuildContext) -> nn.Module:
     if isinstance(op.source, ast.BoundValue) and isinstance(ctx.bind.get(op.source.name), nn.Module):
         source: nn.Module = ops.ModuleSource(ctx.bind[op.source.name])
     else:
-        source = ops.TensorSource(load_value(op.source, ctx, "tensor or module").tensor, ctx.hidden, op.project)
+        tensor, metadata = blade_tensor(op, ctx)
+        source = ops.TensorSource(tensor, ctx.hidden, op.project, metadata)
     return ops.Blade(source, ctx.hidden, op.method, op.alpha)
+
+
+def _ablate(op: ast.Ablate, ctx: BuildContext) -> nn.Module:
+    direction = vector(op.value, ctx)
+    if not direction.abs().sum() > 0:
+        raise Problem(op.value.span, f"{_shown(op.value)} is a zero vector: it has no direction to ablate",
+                      "give a non-zero direction")
+    return ops.Ablate(direction)
 
 
 _BUILDERS: dict[type, Callable[[ast.Op, BuildContext], nn.Module]] = {
     ast.Scale: lambda op, ctx: ops.Scale(op.factor),
-    ast.Add: lambda op, ctx: ops.Add(load_value(op.value, ctx).tensor, 1.0 if op.factor is None else op.factor),
-    ast.Ablate: lambda op, ctx: ops.Ablate(load_value(op.value, ctx).tensor),
+    ast.Add: lambda op, ctx: ops.Add(vector(op.value, ctx), 1.0 if op.factor is None else op.factor),
+    ast.Ablate: lambda op, ctx: _ablate(op, ctx),
     ast.Zero: lambda op, ctx: ops.Zero(),
     ast.Clamp: lambda op, ctx: ops.Clamp(op.low, op.high),
     ast.Noise: lambda op, ctx: ops.Noise(op.std, op.always),

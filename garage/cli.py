@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .parse import load
 from .diagnostics import GarageError, render
 from .formatter import format_spec
 from .models import BUILTIN, DEFAULT_MODEL, load_model
-from .resolve import resolve
+from .compiler import compile as compile_spec
+from .validate import check
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -40,23 +42,26 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _model(name: str):
+    _progress(f"loading {name} ...")
+    return load_model(name)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    spec = load(args.spec)
-    _progress(f"loading {args.model} ...")
-    resolve(spec, load_model(args.model))
-    print(render([]))
-    return EXIT_OK
+    model = _model(args.model)
+    _progress("checking (tracing the model the first time) ...")
+    report = check(model, Path(args.spec))
+    print(report)
+    return EXIT_ERRORS if report.errors else EXIT_OK
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    spec = load(args.spec)
-    _progress(f"loading {args.model} ...")
-    plan = resolve(spec, load_model(args.model))
-    rows = [("line:col", "site", "module path", "op")]
-    rows += [(f"{s.span.line}:{s.span.column}", s.site.label, s.site.module_path, s.op.keyword) for s in plan]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    model = _model(args.model)
+    _progress("compiling ...")
+    injected = compile_spec(model, Path(args.spec))
+    print(injected.explain())
+    for warning in injected.warnings:
+        print(warning.render(), file=sys.stderr)
     return EXIT_OK
 
 

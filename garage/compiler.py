@@ -1,12 +1,13 @@
 """`garage.compile` and `garage.hook`: spec + model → the injected model, by graph rewrite or by hooks.
 
-Both run the same front half (parse, resolve, build the op modules), so the two backends share op objects.
+Both run the same front half (parse, resolve, build the op modules, validate), so the two backends
+share op objects, and both refuse a spec the validator finds errors in.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -16,23 +17,23 @@ from torch import nn
 from . import spec as ast
 from .archs import ModelInfo
 from .build import BuildContext, build_op, capture_keys
-from .diagnostics import Diagnostic, Problem, ResolveError, ValidationError, raise_if_errors
+from .diagnostics import Diagnostic, GarageError, Problem, ResolveError, SpecError, ValidationError
 from .hooks import HookSet, attach
 from .package import InjectedModel
-from .parse import load, parse
+from .parse import parse_collect, read_spec_file
 from .resolve import Plan, resolve_collect
 
 SpecLike = Union[ast.Spec, str, os.PathLike]
 
 
-def as_spec(spec: SpecLike) -> ast.Spec:
-    """A Spec from a Spec, spec text, or the path of a .garage file."""
+def spec_and_syntax(spec: SpecLike) -> tuple[ast.Spec, list[Diagnostic]]:
+    """A spec and its syntax errors, keeping every statement that parsed (to report all problems at once)."""
     if isinstance(spec, ast.Spec):
-        return spec
+        return spec, []
     if isinstance(spec, os.PathLike):
-        return load(spec)
+        return parse_collect(read_spec_file(spec), os.fspath(spec))
     if isinstance(spec, str):
-        return parse(spec)
+        return parse_collect(spec)
     raise TypeError(f"a spec is a garage.Spec, spec text or a path, not {type(spec).__name__}")
 
 
@@ -44,35 +45,48 @@ def spec_folder(spec: ast.Spec) -> Path | None:
 
 @dataclass
 class Prepared:
+    """The front half's result: the plan, one op module per step (None where building failed), and the
+    diagnostics of each stage."""
+
+    spec: ast.Spec
     plan: Plan
-    modules: list[nn.Module]
+    modules: list[nn.Module | None]
     captures: dict[str, torch.Tensor]
+    stages: dict[type[GarageError], list[Diagnostic]] = field(default_factory=dict)
+
+    @property
+    def diagnostics(self) -> list[Diagnostic]:
+        return [d for ds in self.stages.values() for d in ds]
+
+    def raise_if_errors(self) -> None:
+        """Raise every diagnostic at once, as the error type of the earliest stage that failed."""
+        for error_type, diags in self.stages.items():
+            if any(d.is_error for d in diags):
+                raise error_type(self.diagnostics)
 
 
 def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
-    """Parse, resolve and build the op modules (on the model's device and dtype). Raises GarageError."""
-    spec = as_spec(spec)
+    """Parse, resolve and build every statement that can be, on the model's device and dtype."""
+    spec, syntax = spec_and_syntax(spec)
     info = ModelInfo.from_model(model)
-    plan, diagnostics = resolve_collect(spec, info)
-    raise_if_errors(diagnostics, ResolveError)
+    plan, unresolved = resolve_collect(spec, info)
     ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec))
-    modules: list[nn.Module] = []
-    problems: list[Diagnostic] = []
-    failed: set[int] = set()
-    for step, key in zip(plan, capture_keys(plan)):
-        if step.statement in failed:
-            continue
-        try:
-            modules.append(build_op(step, ctx, key))
-        except Problem as problem:
-            failed.add(step.statement)
-            problems.append(problem.diagnostic(spec.source))
-    raise_if_errors(problems, ValidationError)
     param = next(model.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else None
-    for module in modules:
-        module.to(device=param.device, dtype=dtype)
-    return Prepared(plan, modules, ctx.captures)
+    modules: list[nn.Module | None] = []
+    unbuilt: list[Diagnostic] = []
+    failed: set[int] = set()
+    for step, key in zip(plan, capture_keys(plan)):
+        module = None
+        if step.statement not in failed:
+            try:
+                module = build_op(step, ctx, key).to(device=param.device, dtype=dtype)
+            except Problem as problem:
+                failed.add(step.statement)
+                unbuilt.append(problem.diagnostic(spec.source))
+        modules.append(module)
+    stages = {SpecError: syntax, ResolveError: unresolved, ValidationError: unbuilt}
+    return Prepared(spec, plan, modules, ctx.captures, stages)
 
 
 def compile(
@@ -81,12 +95,21 @@ def compile(
     bind: Mapping[str, object] | None = None,
     compile: bool | dict = False,
 ) -> InjectedModel:
-    """The model with the spec compiled in, as an fx graph rewrite. The model itself is never changed."""
+    """The model with the spec compiled in, as an fx graph rewrite. The model itself is never changed.
+
+    The spec is checked first (see `garage.check`): errors raise, warnings are kept on `.warnings`.
+    """
+    from .validate import validate
+
     prepared = prepare(model, spec, bind)
-    return InjectedModel(model, prepared.plan, prepared.modules, prepared.captures, compile=compile)
+    report = validate(model, prepared)
+    prepared.raise_if_errors()
+    return InjectedModel(model, prepared.plan, list(prepared.modules), prepared.captures,
+                         compile=compile, warnings=report.warnings)
 
 
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:
     """The hook backend: the spec applied to the eager model by forward hooks, until `.remove()`."""
     prepared = prepare(model, spec, bind)
-    return attach(model, [s.site for s in prepared.plan], prepared.modules), prepared
+    prepared.raise_if_errors()
+    return attach(model, [s.site for s in prepared.plan], list(prepared.modules)), prepared

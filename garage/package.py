@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from .formatter import format_op
 from .resolve import Plan
 from .rewrite import Inserted, inject
-from .trace import Signature, base_graph, signature
+from .trace import Signature, base_graph, materialize, signature
 
 # Forward kwargs the scoring graph has baked in; passing them with these values is harmless.
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
@@ -54,6 +54,7 @@ class InjectedModel(nn.Module):
             self._graphs[sig], self._inserted[sig] = gm, inserted
             runner: Callable[..., Any] = gm
             if self._compile_options is not None:
+                materialize(gm)  # dynamo does not trace a lazily generated forward
                 runner = torch.compile(gm, fullgraph=True, **self._compile_options)
             self._runners[sig] = runner
         return self._runners[sig]

@@ -422,8 +422,8 @@ class _ToAst(Transformer):
 
 
 # ------------------------------------------------------------------ entry points
-def parse(text: str, filename: str | os.PathLike | None = None) -> ast.Spec:
-    """Parse spec text into a Spec. Raises SpecError carrying every syntax error in the text."""
+def parse_collect(text: str, filename: str | os.PathLike | None = None) -> tuple[ast.Spec, list[Diagnostic]]:
+    """The spec of every statement that parses, and a diagnostic for each that does not."""
     if not isinstance(text, str):
         raise TypeError(f"garage.parse takes spec text (str), not {type(text).__name__}")
     source = Source(text, os.fspath(filename) if filename is not None else None)
@@ -439,17 +439,27 @@ def parse(text: str, filename: str | os.PathLike | None = None) -> ast.Spec:
             if not isinstance(err.orig_exc, Problem):
                 raise
             diagnostics.append(err.orig_exc.diagnostic(source))
+    return ast.Spec(tuple(statements), source), diagnostics
+
+
+def parse(text: str, filename: str | os.PathLike | None = None) -> ast.Spec:
+    """Parse spec text into a Spec. Raises SpecError carrying every syntax error in the text."""
+    spec, diagnostics = parse_collect(text, filename)
     raise_if_errors(diagnostics, SpecError)
-    return ast.Spec(tuple(statements), source)
+    return spec
 
 
-def load(path: str | os.PathLike) -> ast.Spec:
-    """Read a .garage file and parse it. An unreadable file is a SpecError naming the file."""
+def read_spec_file(path: str | os.PathLike) -> str:
+    """The text of a .garage file; an unreadable file is a SpecError naming the file."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise SpecError([Diagnostic("error", f"cannot read spec file: {reason}", name, hint="check the path")]) from None
-    return parse(text, name)
+
+
+def load(path: str | os.PathLike) -> ast.Spec:
+    """Read a .garage file and parse it."""
+    return parse(read_spec_file(path), os.fspath(path))

@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 from .locate import HiddenShape, locate
 from .ops import AtPositions
 from .resolve import ConcreteSite
-from .trace import fresh_copy
+from .trace import copy_graph, graph_module
 
 OP_PREFIX = "garage_op_"
 
@@ -58,8 +58,9 @@ def inject(
 ) -> tuple[GraphModule, list[Inserted]]:
     """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed."""
     locations = [site_location(base, site, hidden) for site in sites]
-    gm = fresh_copy(base)
-    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = copy_graph(base)
+    submodules: dict[str, nn.Module] = {}
+    nodes = {n.name: n for n in graph.nodes}
     mask = nodes.get("attention_mask")
     seen: dict[tuple[str, str], Node] = {}  # (site node, user) → the value that user currently reads
     inserted: list[Inserted] = []
@@ -76,19 +77,18 @@ def inject(
         value = current
         for i in by_site[key]:
             name = f"{OP_PREFIX}{i}"
-            gm.add_submodule(name, modules[i])
+            submodules[name] = modules[i]
             extra = (mask,) if isinstance(modules[i], AtPositions) and mask is not None else ()
-            with gm.graph.inserting_after(value):
-                new = gm.graph.call_module(name, (value, *extra))
+            with graph.inserting_after(value):
+                new = graph.call_module(name, (value, *extra))
             new.meta["val"] = origin.meta.get("val")
             value = new
             inserted.append(Inserted(i, new.name))
         for user in users:
             user.replace_input_with(current, value)
             seen[(loc.node, user.name)] = value
-    gm.graph.lint()
-    gm.recompile()
-    return gm, sorted(inserted, key=lambda x: x.index)
+    graph.lint()
+    return graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index)
 
 
 def op_modules(gm: GraphModule) -> dict[str, nn.Module]:

@@ -80,13 +80,40 @@ def is_cached(model: nn.Module) -> bool:
     return bool(_CACHE.get(model))
 
 
-def fresh_copy(base: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule with its own copy of the graph, sharing the base's parameters (no weights copied)."""
+try:  # generates the graph's Python code on first call, so that re-compiling a spec costs no codegen
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover - older torch
+    _LazyGraphModule = torch.fx.GraphModule
+
+
+def materialize(gm: torch.fx.GraphModule) -> None:
+    """Generate a lazily built GraphModule's Python code now."""
+    if hasattr(gm, "real_recompile"):
+        gm.real_recompile()
+
+
+def copy_graph(base: torch.fx.GraphModule) -> torch.fx.Graph:
+    """An independent copy of the base graph, keeping the exported module's pytree calling convention."""
     graph = torch.fx.Graph()
-    graph._codegen = base.graph._codegen  # keeps the pytree calling convention of the exported module
-    output = graph.graph_copy(base.graph, {})
-    graph.output(output)
-    gm = torch.fx.GraphModule(base, graph, class_name=type(base).__name__)
+    graph._codegen = base.graph._codegen
+    graph.output(graph.graph_copy(base.graph, {}))
+    return graph
+
+
+def _attr(root: nn.Module, target: str) -> object:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def graph_module(base: torch.fx.GraphModule, graph: torch.fx.Graph, extra: dict[str, nn.Module]) -> torch.fx.GraphModule:
+    """A GraphModule running `graph`, with the base's parameters (shared, not copied) and `extra` submodules."""
+    owners: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = str(node.target)
+            owners[target] = extra[target] if target in extra else _attr(base, target)
+    gm = _LazyGraphModule(owners, graph, class_name=type(base).__name__)
     for attr in ("_in_spec", "_out_spec", "meta"):
         if hasattr(base, attr):
             setattr(gm, attr, getattr(base, attr))

@@ -18,8 +18,9 @@ DEFAULT_ALPHA = 1.0
 class TensorSource(nn.Module):
     """A recorded blade: a [hidden] (or broadcastable [..., hidden]) tensor, projected if it is wider."""
 
-    def __init__(self, blade: torch.Tensor, hidden: int, project: str | None) -> None:
+    def __init__(self, blade: torch.Tensor, hidden: int, project: str | None, metadata: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.metadata = dict(metadata or {})  # what the blade file records, e.g. {"domain": "math"}
         blade = blade.detach().clone()
         width = blade.shape[-1]
         self.linear = None

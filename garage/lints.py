@@ -1,0 +1,120 @@
+"""Graph checks (networkx) and the blade rules: problems that are found by looking, not by running.
+
+Graph checks guard the rewrite itself: every injected node must reach the model's output and the graph
+must stay acyclic. Lints are warnings, each naming its rule: ops that cancel or are dead, captures that
+are overwritten, and the blade rules from the research (N-4 depth, gated over identity, same domain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import networkx as nx
+from torch import nn
+from torch.fx import GraphModule
+
+from . import ops
+from . import spec as ast
+from .resolve import Plan, Step
+
+
+@dataclass(frozen=True)
+class Finding:
+    step: Step
+    message: str
+    hint: str | None = None
+    rule: str | None = None  # set for warnings; errors have none
+
+
+def as_networkx(gm: GraphModule) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node.name)
+        graph.add_edges_from((node.name, user.name) for user in node.users)
+    return graph
+
+
+def graph_findings(gm: GraphModule, plan: Plan, inserted: dict[int, str]) -> Iterator[Finding]:
+    """Errors: an injected node that does not reach the output, or a cycle after rewriting."""
+    graph = as_networkx(gm)
+    output = next(n.name for n in gm.graph.nodes if n.op == "output")
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = " → ".join(a for a, _ in nx.find_cycle(graph))
+        yield Finding(plan.steps[0], f"rewriting made a cycle in the graph ({cycle})", "report this spec as a garage bug")
+    for index, node in inserted.items():
+        if not nx.has_path(graph, node, output):
+            yield Finding(plan.steps[index], f"the op at {plan.steps[index].site.label} does not reach the model's output",
+                          "this site's value is not used by the model's result; choose another site")
+
+
+_NO_EFFECT_AFTER_ZERO = (ast.Scale, ast.Clamp, ast.Ablate, ast.Zero)
+
+
+def dead_op_findings(plan: Plan) -> Iterator[Finding]:
+    """Warnings: ops that a later or earlier `zero` cancels, and captures a later capture overwrites."""
+    by_site: dict[tuple[str, str], list[Step]] = {}
+    for step in plan:
+        if step.site.positions is None:
+            by_site.setdefault(step.site.key, []).append(step)
+    for steps in by_site.values():
+        zero: Step | None = None
+        for step in steps:
+            if zero is not None and isinstance(step.op, _NO_EFFECT_AFTER_ZERO) and not (
+                isinstance(step.op, ast.Clamp) and not step.op.low <= 0 <= step.op.high
+            ):
+                yield Finding(step, f"`{step.op.keyword}` at {step.site.label} has no effect: line {zero.span.line} zeroes it first",
+                              "remove it, or move it before the zero", "dead-op")
+            if isinstance(step.op, ast.Zero):
+                for earlier in steps[: steps.index(step)]:
+                    if not isinstance(earlier.op, (ast.Capture, ast.Zero)):
+                        yield Finding(earlier, f"`{earlier.op.keyword}` at {earlier.site.label} is undone by `zero` on line {step.span.line}",
+                                      "remove one of them", "dead-op")
+                zero = step
+    captured: dict[str, Step] = {}
+    for step in plan:
+        if isinstance(step.op, ast.Capture):
+            previous = captured.get(step.op.name)
+            if previous is not None and previous.statement != step.statement:
+                yield Finding(previous, f"capture '{step.op.name}' is overwritten by line {step.span.line}",
+                              "give each capture its own name", "capture-overwritten")
+            captured[step.op.name] = step
+
+
+def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:
+    """Warnings: the blade rules (N-4 depth, gated over identity, same-domain synergy)."""
+    n = plan.info.num_layers
+    best = n - 4
+    domains: dict[str, Step] = {}
+    for step, module in zip(plan, modules):
+        if not isinstance(step.op, (ast.Blade, ast.Debate)):
+            continue
+        if step.site.layer is not None and abs(step.site.layer - best) > 1 and n > 4:
+            yield Finding(step, f"{step.op.keyword} at layer {step.site.layer} is far from N-4 = {best} (87.5% depth), "
+                          "where blades work best", f"move it to h.N-4 (= h.{best})", "n-4")
+        if isinstance(step.op, ast.Blade) and step.op.method == "identity":
+            yield Finding(step, "`blade identity` adds the blade ungated; learned gating did better (+8.9%)",
+                          "write `blade gated`", "gated-over-identity")
+        inner = module.inner if isinstance(module, ops.AtPositions) else module
+        if isinstance(inner, ops.Blade) and isinstance(inner.source, ops.TensorSource):
+            domain = inner.source.metadata.get("domain")
+            if domain:
+                others = {d: s for d, s in domains.items() if d != domain}
+                if others:
+                    other, where = next(iter(others.items()))
+                    yield Finding(step, f"blade from domain '{domain}' is stacked with a blade from domain '{other}' "
+                                  f"(line {where.span.line}); blades synergize within one domain",
+                                  "use blades recorded in the same domain", "same-domain")
+                domains.setdefault(domain, step)
+
+
+def dedupe(findings: Iterator[Finding]) -> list[Finding]:
+    """One finding per statement and message kind: a statement over 12 layers warns once, not 12 times."""
+    seen: set[tuple[int, str | None, str]] = set()
+    kept = []
+    for f in findings:
+        key = (f.step.statement, f.rule, f.message if f.rule is None else "")
+        if key not in seen:
+            seen.add(key)
+            kept.append(f)
+    return kept

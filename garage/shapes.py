@@ -1,0 +1,62 @@
+"""Shape checks on fake tensors: every user module runs on its site's fake value, with symbolic batch and
+sequence, so a module that would break the model is reported before any real tensor is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import ops
+from .diagnostics import Problem
+from .locate import HiddenShape
+
+
+def user_module(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The part of an op that is user code (a bound, registered or source module) and what it must return."""
+    inner = module.inner if isinstance(module, ops.AtPositions) else module
+    if isinstance(inner, ops.Blade) and isinstance(inner.source, ops.ModuleSource):
+        return inner.source.module, "blade"
+    if isinstance(inner, ops.Op):  # garage's own ops keep the shape by construction
+        return None
+    return inner, "module"
+
+
+def describe(shape: torch.Size, names: HiddenShape) -> str:
+    words = {names.batch: "batch", names.seq: "seq", f"{names.batch}*{names.seq}": "batch*seq"}
+    return "[" + ", ".join(words.get(str(d), str(d)) for d in shape) + "]"
+
+
+def _same(a: torch.Size, b: torch.Size) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def check_module(module: nn.Module, role: str, value: torch.Tensor, names: HiddenShape, span) -> None:
+    """Run `module` on the fake `value`; raise Problem if its output cannot replace (or, for a blade, add to) it."""
+    what = f"{'blade source module' if role == 'blade' else 'module'} {type(module).__name__}"
+    mode = detect_fake_mode([value])
+    if mode is None:
+        return
+    previous = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        with mode, torch.no_grad():
+            out = module(value)
+    except Exception as err:  # user code: any failure is the user's to see, with the statement it came from
+        raise Problem(span, f"{what} fails on a {describe(value.shape, names)} input: "
+                      f"{type(err).__name__}: {err}".rstrip(), "make it map [batch, seq, hidden] to the same shape") from None
+    finally:
+        mode.allow_non_fake_inputs = previous
+    expected = describe(value.shape, names)
+    if not isinstance(out, torch.Tensor):
+        raise Problem(span, f"{what} returns a {type(out).__name__}, not a tensor",
+                      f"return one {expected} tensor")
+    fits = _same(out.shape, value.shape) or (role == "blade" and _same(out.shape, value.shape[-1:]))
+    if not fits:
+        raise Problem(span, f"{what} maps {expected} to {describe(out.shape, names)}",
+                      f"it must return {expected}: the site's shape (a `{role}` cannot change the hidden size)")
+    if out.dtype != value.dtype:
+        raise Problem(span, f"{what} returns {str(out.dtype)[6:]}, "
+                      f"but the site holds {str(value.dtype)[6:]}", f"cast its output, or move it with .to({value.dtype})")

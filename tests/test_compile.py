@@ -1,0 +1,226 @@
+"""garage.compile end to end: output types, non-destructiveness, caching, explain, parameters, files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from zoo import tiny_model
+
+import garage
+from garage import trace
+
+
+def ids_and_mask(seed: int = 0, batch: int = 2, seq: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def fingerprint(model: torch.nn.Module) -> tuple:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    modes = tuple(m.training for m in model.modules())
+    return digest.hexdigest(), hooks, modes, model.config.to_json_string()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def test_output_type_and_values(llama):
+    inputs = ids_and_mask()
+    inj = garage.compile(llama, "at h.1 scale 0.5")
+    out, ref = inj(**inputs), llama(**inputs)
+    assert type(out) is type(ref)
+    assert out.logits.shape == ref.logits.shape
+    assert not torch.allclose(out.logits, ref.logits)
+
+
+def test_missing_attention_mask_means_all_ones(llama):
+    inputs = ids_and_mask()
+    inj = garage.compile(llama, "")
+    ones = torch.ones_like(inputs["input_ids"])
+    assert torch.equal(inj(input_ids=inputs["input_ids"]).logits, llama(input_ids=inputs["input_ids"], attention_mask=ones).logits)
+
+
+def test_the_model_is_never_changed(llama):
+    before = fingerprint(llama)
+    inj = garage.compile(llama, "at h.1 scale 0.5; at h.2 blade gated; at h.0 capture x", compile=False)
+    inj(**ids_and_mask())
+    inj.train()
+    assert fingerprint(llama) == before
+    with pytest.raises(garage.GarageError):
+        garage.compile(llama, "at h.1 scale 0.5; at h.9 zero; at h.1 add nothing_bound")
+    with pytest.raises(garage.GarageError):
+        garage.compile(llama, "at h.1 add nothing_bound")
+    assert fingerprint(llama) == before
+
+
+def test_hook_backend_restores_the_model(llama):
+    before = fingerprint(llama)
+    hooks, _ = garage.hook(llama, "at h.1 scale 0.5; at h.2.in[last] zero; at final capture f")
+    assert fingerprint(llama)[1] > before[1]
+    with hooks:
+        llama(**ids_and_mask())
+    assert fingerprint(llama) == before
+
+
+def test_a_second_spec_does_not_trace_again(monkeypatch):
+    model = tiny_model("gpt2", seed=3)
+    calls = []
+    real = trace.export_scoring
+    monkeypatch.setattr(trace, "export_scoring", lambda *a: calls.append(1) or real(*a))
+    garage.compile(model, "at h.1 scale 0.5")
+    garage.compile(model, "at h.2 zero; at h.3.mlp capture m")
+    assert len(calls) == 1
+
+
+def test_explain_has_one_row_a_site(llama):
+    inj = garage.compile(llama, garage.parse("at h.1 scale 0.5\nat h.{0, 2}.mlp capture m", filename="e.garage"))
+    rows = inj.explain().splitlines()
+    assert rows[0].split() == ["line:col", "site", "module", "path", "fx", "node", "op"]
+    assert rows[1].split()[:3] == ["1:1", "h.1", "model.layers.1"]
+    assert rows[1].split()[-2:] == ["scale", "0.5"]
+    assert [r.split()[1] for r in rows[2:]] == ["h.0.mlp", "h.2.mlp"]
+    fx_nodes = {n.name for n in inj.graph_module.graph.nodes}
+    assert all(r.split()[3] in fx_nodes for r in rows[1:])
+    assert "garage_op_0" in inj.graph_module.code
+
+
+def test_parameters_are_only_the_injected_ones(llama):
+    inj = garage.compile(llama, "at h.1 blade gated from v; at h.2 scale 0.5", bind={"v": torch.randn(64)})
+    params = dict(inj.named_parameters())
+    assert params and all(name.startswith("ops.0.gate.") for name in params)
+    assert all(p.requires_grad for p in params.values())
+    llama.zero_grad(set_to_none=True)
+    inj(**ids_and_mask()).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    llama.zero_grad(set_to_none=True)
+
+
+def test_injected_parameters_follow_the_model_dtype():
+    model = tiny_model("gpt2").to(torch.bfloat16)
+    inj = garage.compile(model, "at h.1 blade gated from v; at h.2 debate gated", bind={"v": torch.randn(64)})
+    assert {p.dtype for p in inj.parameters()} == {torch.bfloat16}
+    out = inj(**ids_and_mask())
+    assert out.logits.dtype == torch.bfloat16
+
+
+def test_a_strength_change_takes_effect_without_recompiling(llama):
+    inj = garage.compile(llama, "at h.1 scale 0.5")
+    gm = inj.graph_module
+    first = inj(**ids_and_mask()).logits
+    inj.ops[0].factor.fill_(1.0)
+    assert inj.graph_module is gm
+    assert torch.equal(inj(**ids_and_mask()).logits, llama(**ids_and_mask()).logits)
+    assert not torch.equal(first, llama(**ids_and_mask()).logits)
+
+
+def test_noise_follows_train_and_eval(llama):
+    inj = garage.compile(llama, "at h.1 noise 0.5")
+    plain = llama(**ids_and_mask()).logits
+    assert torch.equal(inj(**ids_and_mask()).logits, plain)
+    inj.train()
+    torch.manual_seed(0)
+    noisy = inj(**ids_and_mask()).logits
+    torch.manual_seed(0)
+    assert torch.equal(inj(**ids_and_mask()).logits, noisy)
+    assert not torch.allclose(noisy, plain)
+
+
+def test_captures_are_detached_and_replaced_each_call(llama):
+    inj = garage.compile(llama, "at h.1 capture one; at h.*.mlp capture every")
+    inj(**ids_and_mask(batch=2, seq=7))
+    assert inj.captures["one"].shape == (2, 7, 64) and not inj.captures["one"].requires_grad
+    assert sorted(inj.captures) == ["every.0", "every.1", "every.2", "every.3", "one"]
+    inj(**ids_and_mask(batch=1, seq=5))
+    assert inj.captures["one"].shape == (1, 5, 64)
+
+
+def test_spec_from_a_path_reads_files_beside_it(tmp_path, llama):
+    vec = torch.randn(64)
+    save_file({"steer": vec}, str(tmp_path / "steer.safetensors"))
+    torch.save({"a": vec, "b": -vec}, tmp_path / "two.pt")
+    (tmp_path / "s.garage").write_text('at h.1 add "steer.safetensors" * 2\nat h.2 add "two.pt#b"\n')
+    from_file = garage.compile(llama, tmp_path / "s.garage")(**ids_and_mask()).logits
+    bound = garage.compile(llama, "at h.1 add v * 2; at h.2 add w", bind={"v": vec, "w": -vec})(**ids_and_mask()).logits
+    assert torch.equal(from_file, bound)
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("statement", ['at h.1 add "evil.pt"', 'at h.1 blade gated from "evil.pt"'])
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, llama, statement):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"v": _Payload(str(marker))}, f)
+    (tmp_path / "s.garage").write_text(statement + "\n")
+    with pytest.raises(garage.ValidationError) as err:
+        garage.compile(llama, tmp_path / "s.garage")
+    assert "would run code" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "statement, message",
+    [
+        ('at h.1 add "nope.safetensors"', "file not found: nope.safetensors"),
+        ("at h.1 add steer", "'steer' is not bound"),
+        ("at h.1 module nosie", "unknown module 'nosie'"),
+        ("at h.1 module noise(sd=1)", "module noise rejects its arguments"),
+    ],
+)
+def test_build_errors_name_the_statement(llama, statement, message):
+    with pytest.raises(garage.ValidationError) as err:
+        garage.compile(llama, garage.parse(statement, filename="b.garage"))
+    [d] = err.value.diagnostics
+    assert message in d.message and d.filename == "b.garage" and d.line == 1
+
+
+def test_bound_modules_and_registered_classes(llama):
+    adapter = torch.nn.Linear(64, 64)
+    inj = garage.compile(llama, "at h.1 module adapter; at h.2 module noise(std=0.1)", bind={"adapter": adapter})
+    assert inj.ops[0] is adapter
+    assert inj(**ids_and_mask()).logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_equal_and_no_recompile_on_strength_change():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("gpt2", seed=5)
+    spec = "at h.1 scale 0.5; at h.2[last] add v * 2; at h.3 capture c"
+    bind = {"v": torch.randn(64)}
+    compiled = garage.compile(model, spec, bind=bind, compile=True)
+    eager = garage.compile(model, spec, bind=bind)
+    inputs = ids_and_mask()
+    with torch.no_grad():
+        a = compiled(**inputs).logits
+        assert torch.allclose(a, eager(**inputs).logits, atol=1e-5)
+        assert torch.allclose(compiled.captures["c"], eager.captures["c"], atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled.ops[0].factor.fill_(0.9)
+        eager.ops[0].factor.fill_(0.9)
+        b = compiled(**inputs).logits
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+    assert torch.allclose(b, eager(**inputs).logits, atol=1e-5)
+    assert not torch.allclose(a, b)
