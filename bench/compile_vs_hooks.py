@@ -120,9 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 1 only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=32)
     args = parser.parse_args()
-    repeat = 5 if args.quick else 20
+    repeat = 5 if args.quick else 10
     torch.manual_seed(0)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, seq {args.seq}")

@@ -71,8 +71,14 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
         grouped.setdefault(site.key, []).append(module)
 
     def remember_mask(_module, args, kwargs):
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         hooks.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        if _past_length(kwargs) == 0:  # a new prompt: its real tokens are the [prompt] positions
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            hooks.ctx.prompt_length = (
+                hooks.ctx.attention_mask.sum(-1) if hooks.ctx.attention_mask is not None
+                else torch.full((ids.shape[0],), ids.shape[1], device=ids.device) if isinstance(ids, torch.Tensor) else None
+            )
 
     if any(isinstance(m, AtPositions) for m in modules):
         hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))
@@ -86,6 +92,12 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
         else:
             hooks.handles.append(target.register_forward_hook(lambda _m, _a, out, run=run: _replace_hidden(out, run)))
     return hooks
+
+
+def _past_length(kwargs: dict) -> int:
+    """How many tokens the KV cache passed to this call already holds (0 without a cache)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext):

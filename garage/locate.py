@@ -51,7 +51,8 @@ class HiddenShape:
         if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3) or val.shape[-1] != self.hidden:
             return False
         dims = tuple(str(d) for d in val.shape[:-1])
-        return dims == (self.batch, self.seq) or dims == (f"{self.batch}*{self.seq}",)
+        flat = self.batch if self.seq == "1" else f"{self.batch}*{self.seq}"  # OPT flattens to [batch*seq, hidden]
+        return dims == (self.batch, self.seq) or dims == (flat,)
 
 
 def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> list[Node]:
@@ -69,10 +70,14 @@ def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> li
     ]
 
 
-def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape) -> tuple[Node, list[Node]]:
-    """The node holding the site's value, and the users that must see the injected value instead."""
+def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "") -> tuple[Node, list[Node]]:
+    """The node holding the site's value, and the users that must see the injected value instead.
+
+    `prefix` is where the model sits in the exported module ("model." for the generation steps).
+    """
     inside = site.kind != "in"
-    found = _candidates(graph, site.module_path, shape, inside)
+    path = prefix + site.module_path
+    found = _candidates(graph, path, shape, inside)
     if len(found) != 1:
         what = "output" if inside else "input"
         names = ", ".join(n.name for n in found) or "none"
@@ -81,5 +86,5 @@ def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape) -> tuple[Node, 
             f"{len(found)} [batch, seq, hidden] values qualify ({names})"
         )
     node = found[0]
-    users = [u for u in node.users if in_scope(u, site.module_path) != inside]
+    users = [u for u in node.users if in_scope(u, path) != inside]
     return node, users

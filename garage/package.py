@@ -11,7 +11,10 @@ from torch.fx import GraphModule
 from .formatter import format_op
 from .resolve import Plan
 from .rewrite import Inserted, inject
-from .trace import Signature, base_graph, materialize, signature
+from .generate import Sampling, decode_loop, export_step
+from .trace import Signature, base_graph, cached_graph, materialize, signature
+
+STEP_PREFIX = "model."  # the generation steps wrap the model as `self.model`
 
 # Forward kwargs the scoring graph has baked in; passing them with these values is harmless.
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
@@ -37,9 +40,10 @@ class InjectedModel(nn.Module):
         self.captures = captures
         self.warnings = list(warnings or [])
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
-        self._graphs: dict[Signature, GraphModule] = {}
-        self._runners: dict[Signature, Callable[..., Any]] = {}
-        self._inserted: dict[Signature, list[Inserted]] = {}
+        # keyed by a scoring input signature, or "prefill" / "decode"
+        self._graphs: dict[Signature | str, GraphModule] = {}
+        self._runners: dict[Signature | str, Callable[..., Any]] = {}
+        self._inserted: dict[Signature | str, list[Inserted]] = {}
         self.train(model.training)
         self._runner(self._default_signature())
 
@@ -52,12 +56,14 @@ class InjectedModel(nn.Module):
             base = base_graph(self.model, sig)
             gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size)
             self._graphs[sig], self._inserted[sig] = gm, inserted
-            runner: Callable[..., Any] = gm
-            if self._compile_options is not None:
-                materialize(gm)  # dynamo does not trace a lazily generated forward
-                runner = torch.compile(gm, fullgraph=True, **self._compile_options)
-            self._runners[sig] = runner
+            self._runners[sig] = self._maybe_compiled(gm)
         return self._runners[sig]
+
+    def _maybe_compiled(self, gm: GraphModule) -> Callable[..., Any]:
+        if self._compile_options is None:
+            return gm
+        materialize(gm)  # dynamo does not trace a lazily generated forward
+        return torch.compile(gm, fullgraph=True, **self._compile_options)
 
     @property
     def graph_module(self) -> GraphModule:
@@ -82,6 +88,48 @@ class InjectedModel(nn.Module):
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         self.captures.clear()
         return self._runner(signature(inputs))(**inputs)
+
+    # ------------------------------------------------------------------ generation
+    def _step_runner(self, kind: str) -> Callable[..., Any]:
+        """The injected prefill or decode graph (same op modules as scoring), built on first use."""
+        if kind not in self._runners:
+            base = cached_graph(self.model, kind, lambda: export_step(self.model, decode=kind == "decode"))
+            gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size,
+                                  prefix=STEP_PREFIX)
+            self._graphs[kind], self._inserted[kind] = gm, inserted
+            self._runners[kind] = self._maybe_compiled(gm)
+        return self._runners[kind]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Like `model.generate`: prompt + new token ids, decoded with a KV cache through the injected graphs."""
+        if not hasattr(self.model, "generate") or getattr(self.model.config, "is_decoder", True) is False and \
+                self.model.config.model_type == "bert":
+            raise TypeError(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
+        config = getattr(self.model, "generation_config", None)
+        if eos_token_id is None and config is not None:
+            eos_token_id = config.eos_token_id
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+            pad_token_id = eos[0] if pad_token_id is None and eos else pad_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self.captures.clear()
+        sampling = Sampling(do_sample, temperature, top_k, top_p)
+        return decode_loop(self._step_runner("prefill"), self._step_runner("decode"), input_ids, attention_mask,
+                           max_new_tokens, sampling, eos, pad_token_id)
 
     # ------------------------------------------------------------------ inspection
     def explain(self) -> str:

@@ -34,12 +34,12 @@ class Location:
 _LOCATIONS: "weakref.WeakKeyDictionary[GraphModule, dict[tuple[str, str], Location]]" = weakref.WeakKeyDictionary()
 
 
-def site_location(base: GraphModule, site: ConcreteSite, hidden: int) -> Location:
+def site_location(base: GraphModule, site: ConcreteSite, hidden: int, prefix: str = "") -> Location:
     """The location of a site in a base graph, found once and remembered."""
     known = _LOCATIONS.setdefault(base, {})
     if site.key not in known:
         order = {n.name: i for i, n in enumerate(base.graph.nodes)}
-        node, users = locate(base.graph, site, HiddenShape.of(base.graph, hidden))
+        node, users = locate(base.graph, site, HiddenShape.of(base.graph, hidden), prefix)
         # A block's input is the previous block's output: its ops come after that block's ops.
         known[site.key] = Location(node.name, tuple(u.name for u in users), 2 * order[node.name] + (site.kind == "in"))
     return known[site.key]
@@ -54,14 +54,17 @@ class Inserted:
 
 
 def inject(
-    base: GraphModule, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module], hidden: int
+    base: GraphModule, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module], hidden: int, prefix: str = ""
 ) -> tuple[GraphModule, list[Inserted]]:
-    """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed."""
-    locations = [site_location(base, site, hidden) for site in sites]
+    """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed.
+
+    Position-limited ops also receive the graph's `attention_mask` and, in generation graphs, `prompt_length`.
+    """
+    locations = [site_location(base, site, hidden, prefix) for site in sites]
     graph = copy_graph(base)
     submodules: dict[str, nn.Module] = {}
     nodes = {n.name: n for n in graph.nodes}
-    mask = nodes.get("attention_mask")
+    position_inputs = tuple(nodes[name] for name in ("attention_mask", "prompt_length") if name in nodes)
     seen: dict[tuple[str, str], Node] = {}  # (site node, user) → the value that user currently reads
     inserted: list[Inserted] = []
 
@@ -78,7 +81,7 @@ def inject(
         for i in by_site[key]:
             name = f"{OP_PREFIX}{i}"
             submodules[name] = modules[i]
-            extra = (mask,) if isinstance(modules[i], AtPositions) and mask is not None else ()
+            extra = position_inputs if isinstance(modules[i], AtPositions) else ()
             with graph.inserting_after(value):
                 new = graph.call_module(name, (value, *extra))
             new.meta["val"] = origin.meta.get("val")

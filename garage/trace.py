@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 Signature = tuple[tuple[str, torch.dtype], ...]
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.fx.GraphModule]]" = weakref.WeakKeyDictionary()
+# Graphs of the model exported inside a wrapper (the generation steps) see its modules under this prefix.
 _LOCK = threading.Lock()
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # above 1, so export keeps both dimensions symbolic
 
@@ -66,14 +67,20 @@ def export_scoring(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
     return program.module()
 
 
-def base_graph(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
-    """The cached base graph of this model for this input signature, exported on first use."""
-    key = (sig, model.training, next(model.parameters()).device, next(model.parameters()).dtype)
+def cached_graph(model: nn.Module, kind: str, make: Callable[[], torch.fx.GraphModule]) -> torch.fx.GraphModule:
+    """The model's graph of this kind (e.g. a scoring signature, "prefill", "decode"), made on first use."""
+    param = next(model.parameters())
+    key = (kind, model.training, param.device, param.dtype)
     with _LOCK:
         per_model = _CACHE.setdefault(model, {})
         if key not in per_model:
-            per_model[key] = export_scoring(model, sig)
+            per_model[key] = make()
         return per_model[key]
+
+
+def base_graph(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
+    """The cached scoring graph of this model for this input signature, exported on first use."""
+    return cached_graph(model, repr(sig), lambda: export_scoring(model, sig))
 
 
 def is_cached(model: nn.Module) -> bool:
