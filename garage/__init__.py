@@ -1,5 +1,6 @@
 """garage: a declarative injection compiler for transformer models."""
 
+from .artifact import load_artifact
 from .archs import ARCHS, ArchRow, ModelInfo
 from .compiler import compile, hook
 from .diagnostics import Diagnostic, GarageError, ResolveError, SpecError, ValidationError
@@ -30,6 +31,7 @@ __all__ = [
     "compile",
     "format",
     "hook",
+    "load_artifact",
     "load",
     "parse",
     "register",

@@ -37,7 +37,8 @@ class CachedStep(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self.cache_kwarg: cache})
         new_cache = getattr(out, self.cache_kwarg, None) or out.past_key_values
-        flat = [t for layer in new_cache.layers for t in (layer.keys, layer.values)]
+        # contiguous, so the cache has the same strides after prefill and after decode (no recompiles)
+        flat = [t.contiguous() for layer in new_cache.layers for t in (layer.keys, layer.values)]
         return (out.logits[:, -1, :], *flat)
 
 
@@ -106,6 +107,7 @@ def decode_loop(prefill, decode, input_ids: torch.Tensor, attention_mask: torch.
     prompt_length = mask.sum(-1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     logits, *cache = prefill(input_ids, mask, positions, prompt_length, ())
+    cache = [t.contiguous() for t in cache]  # a compiled prefill may lay the cache out otherwise
     tokens = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_ids, device=input_ids.device) if eos_token_ids else None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.experimental import _config as fx_config
 
+from . import artifact
 from .formatter import format_op
 from .resolve import Plan
 from .rewrite import Inserted, inject
@@ -19,6 +22,19 @@ STEP_PREFIX = "model."  # the generation steps wrap the model as `self.model`
 # Forward kwargs the scoring graph has baked in; passing them with these values is harmless.
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
           "output_attentions": (False, None)}
+
+
+def mark_dynamic(args: tuple, kwargs: dict, decode: bool) -> None:
+    """Mark batch and sequence dimensions dynamic; a decode step's single new token stays static."""
+    tensors = list(args[:4]) + list(kwargs.values())
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor):
+            step_token = decode and i in (0, 2)  # input_ids and position_ids of one token
+            for dim in ([0] if step_token or t.dim() == 1 else [0, 1]):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+    for t in (args[4] if len(args) > 4 else ()):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 2)
 
 
 class InjectedModel(nn.Module):
@@ -39,6 +55,7 @@ class InjectedModel(nn.Module):
         self.plan = plan
         self.captures = captures
         self.warnings = list(warnings or [])
+        # dynamic from the first call: a new length or batch size must not recompile the graph
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         # keyed by a scoring input signature, or "prefill" / "decode"
         self._graphs: dict[Signature | str, GraphModule] = {}
@@ -59,11 +76,20 @@ class InjectedModel(nn.Module):
             self._runners[sig] = self._maybe_compiled(gm)
         return self._runners[sig]
 
-    def _maybe_compiled(self, gm: GraphModule) -> Callable[..., Any]:
+    def _maybe_compiled(self, gm: GraphModule, decode: bool = False) -> Callable[..., Any]:
         if self._compile_options is None:
             return gm
         materialize(gm)  # dynamo does not trace a lazily generated forward
-        return torch.compile(gm, fullgraph=True, **self._compile_options)
+        compiled = torch.compile(gm, fullgraph=True, **self._compile_options)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            # Batch and lengths are dynamic from the first call, and size-1 dimensions stay symbolic, so a
+            # new length, batch 1, or the next decode step never recompiles.
+            mark_dynamic(args, kwargs, decode)
+            with fx_config.patch(backed_size_oblivious=True):
+                return compiled(*args, **kwargs)
+
+        return run
 
     @property
     def graph_module(self) -> GraphModule:
@@ -97,7 +123,7 @@ class InjectedModel(nn.Module):
             gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size,
                                   prefix=STEP_PREFIX)
             self._graphs[kind], self._inserted[kind] = gm, inserted
-            self._runners[kind] = self._maybe_compiled(gm)
+            self._runners[kind] = self._maybe_compiled(gm, decode=kind == "decode")
         return self._runners[kind]
 
     @torch.no_grad()
@@ -130,6 +156,22 @@ class InjectedModel(nn.Module):
         sampling = Sampling(do_sample, temperature, top_k, top_p)
         return decode_loop(self._step_runner("prefill"), self._step_runner("decode"), input_ids, attention_mask,
                            max_new_tokens, sampling, eos, pad_token_id)
+
+    # ------------------------------------------------------------------ artefacts
+    def _program(self) -> torch.export.ExportedProgram:
+        param = next(self.model.parameters())
+        vocab = int(getattr(self.model.config.get_text_config(), "vocab_size", 2) or 2)
+        program = artifact.export_program(self.graph_module, vocab, param.device)
+        self.captures.clear()
+        return program
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write a torch.export `.pt2` program (logits out) with the injections and their parameters inside."""
+        return artifact.save(self._program(), path)
+
+    def package(self, path: str | os.PathLike) -> str:
+        """Write an AOTInductor-compiled package of the same program (needs a C++ compiler)."""
+        return artifact.package(self._program(), path)
 
     # ------------------------------------------------------------------ inspection
     def explain(self) -> str:
