@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .parse import load
 from .diagnostics import GarageError, render
 from .formatter import format_spec
-from .models import BUILTIN, DEFAULT_MODEL, load_model
+from .analyze import compare, effect_table
+from .models import BUILTIN, DEFAULT_MODEL, load, load_model
 from .compiler import compile as compile_spec
 from .validate import check
 
@@ -32,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_spec(sub.add_parser("check", help="report every problem in a spec against a model (exit 1 if any error)"))
     _add_spec(sub.add_parser("explain", help="show where each statement lands in the model"))
+    run = sub.add_parser("run", help="generate text with the spec compiled into the model")
+    _add_spec(run)
+    run.add_argument("--prompt", default="The meaning of life is", help="text to continue (default: %(default)r)")
+    run.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default: 20)")
+    run.add_argument("--compare", action="store_true",
+                     help="also generate without the spec, and show how far the spec moves each layer")
+    run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--seed", type=int, default=0, help="seed for built-in models and sampling (default: 0)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the injected graphs (slow to start)")
     fmt = sub.add_parser("fmt", help="print a spec in canonical form")
     _add_spec(fmt, with_model=False)
     fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not already canonical")
@@ -65,6 +77,34 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    _progress(f"loading {args.model} ...")
+    model, tokenizer = load(args.model, seed=args.seed)
+    _progress("checking and compiling the spec (tracing the model) ...")
+    injected = compile_spec(model, Path(args.spec), compile=args.compile)
+    for warning in injected.warnings:
+        print(warning.render(), file=sys.stderr)
+    inputs = tokenizer([args.prompt], return_tensors="pt")
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+
+    def text(tokens) -> str:
+        return tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+    _progress("generating ...")
+    torch.manual_seed(args.seed)
+    print(f"== with {args.spec}")
+    print(text(injected.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **generation)))
+    if args.compare:
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            plain = model.generate(**inputs, **generation, pad_token_id=tokenizer.pad_token_id)
+        print("== without")
+        print(text(plain))
+        print("== how far the spec moves each layer (on the prompt)")
+        print(effect_table(compare(model, Path(args.spec), dict(inputs))))
+    return EXIT_OK
+
+
 def _cmd_fmt(args: argparse.Namespace) -> int:
     spec = load(args.spec)
     text = format_spec(spec)
@@ -74,7 +114,7 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "fmt": _cmd_fmt}
+COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "fmt": _cmd_fmt}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Models by name: built-in tiny models made on the spot (nothing downloaded), or Hugging Face ids and folders."""
+"""Models by name: built-in tiny models made on the spot (nothing downloaded), or Hugging Face ids and folders.
+
+A built-in model has random weights (seeded) and a character tokenizer that needs no files: the 95
+printable ASCII characters plus <unk>, <bos>, <eos> and <pad>. Its text is gibberish, but readable, and
+every code path is the real one.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,39 @@ from typing import Callable
 import torch
 from torch import nn
 
+CHARS = [chr(c) for c in range(32, 127)]
+UNK, BOS, EOS, PAD = range(len(CHARS), len(CHARS) + 4)
+VOCAB = 100
+
+
+def char_tokenizer():
+    """One token per printable ASCII character, made in memory (offline); anything else is <unk>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(CHARS)}
+    vocab.update({"<unk>": UNK, "<bos>": BOS, "<eos>": EOS, "<pad>": PAD})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", padding_side="left")
+
 
 def _tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=12, n_embd=128, n_head=4, n_positions=256, vocab_size=260,
-                        bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    config = GPT2Config(n_layer=12, n_embd=128, n_head=4, n_positions=512, vocab_size=VOCAB, initializer_range=0.3,
+                        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     return GPT2LMHeadModel(config)
 
 
 def _tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(num_hidden_layers=8, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, vocab_size=260,
-                         bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    config = LlamaConfig(num_hidden_layers=8, hidden_size=128, intermediate_size=256, num_attention_heads=4, initializer_range=0.3,
+                         num_key_value_heads=2, max_position_embeddings=512, vocab_size=VOCAB,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     return LlamaForCausalLM(config)
 
 
@@ -31,11 +54,25 @@ DEFAULT_MODEL = "tiny:gpt2"
 
 def load_model(name: str, seed: int = 0) -> nn.Module:
     """A model in eval mode: a built-in `tiny:*` (random weights, seeded) or a hub id / local folder."""
+    return load(name, seed)[0]
+
+
+def load(name: str, seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) for a built-in name, a hub id or a local folder; the model in eval mode."""
     if name in BUILTIN:
         torch.manual_seed(seed)
-        return BUILTIN[name]().eval()
-    if name.startswith("tiny:"):
+        model, tokenizer = BUILTIN[name](), char_tokenizer()
+    elif name.startswith("tiny:"):
         raise ValueError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
-    from transformers import AutoModelForCausalLM
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name).eval()
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer

@@ -1,0 +1,1 @@
+"""The seed library's core surface (`model_garage.core` → `garage.core`)."""

@@ -1,0 +1,1 @@
+"""The seed library's injection surface (`model_garage.inject` → `garage.inject`), on the hook backend."""
