@@ -9,12 +9,12 @@ from typing import Sequence
 
 import torch
 
-from .parse import load
-from .diagnostics import GarageError, render
-from .formatter import format_spec
 from .analyze import compare, effect_table
-from .models import BUILTIN, DEFAULT_MODEL, load, load_model
 from .compiler import compile as compile_spec
+from .diagnostics import GarageError
+from .formatter import format_spec
+from .models import BUILTIN, DEFAULT_MODEL, load_model, load_model_and_tokenizer
+from .parse import load as load_spec
 from .validate import check
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
@@ -79,7 +79,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _progress(f"loading {args.model} ...")
-    model, tokenizer = load(args.model, seed=args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, seed=args.seed)
     _progress("checking and compiling the spec (tracing the model) ...")
     injected = compile_spec(model, Path(args.spec), compile=args.compile)
     for warning in injected.warnings:
@@ -106,7 +106,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_fmt(args: argparse.Namespace) -> int:
-    spec = load(args.spec)
+    spec = load_spec(args.spec)
     text = format_spec(spec)
     if args.check:
         return EXIT_OK if text == spec.source.text else EXIT_ERRORS

@@ -54,10 +54,10 @@ DEFAULT_MODEL = "tiny:gpt2"
 
 def load_model(name: str, seed: int = 0) -> nn.Module:
     """A model in eval mode: a built-in `tiny:*` (random weights, seeded) or a hub id / local folder."""
-    return load(name, seed)[0]
+    return load_model_and_tokenizer(name, seed)[0]
 
 
-def load(name: str, seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """(model, tokenizer) for a built-in name, a hub id or a local folder; the model in eval mode."""
     if name in BUILTIN:
         torch.manual_seed(seed)

@@ -43,6 +43,27 @@ def _scoring_config(model: nn.Module) -> Iterator[None]:
             config.__dict__.pop("use_cache", None)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _without_hooks(model: nn.Module) -> Iterator[None]:
+    """Hooks on the model (a LayerInjector's, say) stay out of the traced graph; they are put back after."""
+    stash = []
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks:
+                stash.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, saved in stash:
+            hooks.update(saved)
+
+
 def example_inputs(model: nn.Module, sig: Signature) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     vocab = int(getattr(model.config.get_text_config(), "vocab_size", 2) or 2)
@@ -68,13 +89,15 @@ def export_scoring(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
 
 
 def cached_graph(model: nn.Module, kind: str, make: Callable[[], torch.fx.GraphModule]) -> torch.fx.GraphModule:
-    """The model's graph of this kind (e.g. a scoring signature, "prefill", "decode"), made on first use."""
+    """The model's graph of this kind (e.g. a scoring signature, "prefill", "decode"), made on first use,
+    with any hooks on the model left out of it."""
     param = next(model.parameters())
     key = (kind, model.training, param.device, param.dtype)
     with _LOCK:
         per_model = _CACHE.setdefault(model, {})
         if key not in per_model:
-            per_model[key] = make()
+            with _without_hooks(model):
+                per_model[key] = make()
         return per_model[key]
 
 

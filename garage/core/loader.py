@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..archs import ModelInfo
-from ..models import load
+from ..models import load_model_and_tokenizer
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -20,7 +20,7 @@ def quick_load(model_id_or_path: str, device: str | torch.device | None = None, 
     """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`; with a dict describing it."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model, tokenizer = load(model_id_or_path, device=_device(device), dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(model_id_or_path, device=_device(device), dtype=dtype)
     return model, tokenizer, model_info(model, model_id_or_path)
 
 

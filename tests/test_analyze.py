@@ -1,0 +1,47 @@
+"""Capture by site name, per-layer statistics, and the per-layer effect of a spec."""
+
+import pytest
+import torch
+
+from garage import analyze
+from garage.models import load_model_and_tokenizer as load
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model, tokenizer = load("tiny:gpt2")
+    inputs = dict(tokenizer(["The meaning of life is", "Hi"], return_tensors="pt", padding=True))
+    return model, inputs
+
+
+def test_capture_by_site_name(gpt2):
+    model, inputs = gpt2
+    states = analyze.capture(model, ["h.0", "h.3.mlp", "final", "h.{1, 2}"], inputs)
+    assert list(states) == ["h.0", "h.3.mlp", "final", "h.1", "h.2"]
+    assert all(t.shape == (2, 22, 128) for t in states.values())
+    expected = model(**inputs, output_hidden_states=True).hidden_states
+    assert torch.equal(states["h.0"], expected[1]) and torch.equal(states["h.2"], expected[3])
+
+
+def test_layer_stats_keys_and_values(gpt2):
+    model, inputs = gpt2
+    h = analyze.capture(model, "h.5", inputs)["h.5"]
+    stats = analyze.layer_stats(h, inputs["attention_mask"])
+    assert set(stats) == {"mean", "std", "min", "max", "sparsity", "entropy"}
+    real = h[inputs["attention_mask"].bool()]
+    assert stats["max"] == pytest.approx(real.max().item()) and stats["min"] == pytest.approx(real.min().item())
+    assert 0 < stats["entropy"] <= torch.log(torch.tensor(128.0)).item() + 1e-5
+    assert analyze.layer_stats(torch.zeros(1, 2, 4))["sparsity"] == 1.0
+
+
+def test_compare_shows_where_a_spec_acts(gpt2):
+    model, inputs = gpt2
+    effects = analyze.compare(model, "at h.6 scale 0.5", inputs)
+    assert [e.site for e in effects] == [f"h.{i}" for i in range(12)] + ["final"]
+    before = [e for e in effects if e.site in ("h.0", "h.5")]
+    assert all(e.cosine == pytest.approx(1.0) and e.l2 == 0 for e in before)
+    at = next(e for e in effects if e.site == "h.6")
+    assert at.cosine == pytest.approx(1.0, abs=1e-6) and at.l2 > 0  # scaling keeps the direction
+    assert effects[-2].cosine < 0.999
+    table = analyze.effect_table(effects)
+    assert table.splitlines()[0].split() == ["site", "cosine", "L2", "change"] and "█" in table

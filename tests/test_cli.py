@@ -1,0 +1,85 @@
+"""The garage command: exit codes 0/1/2, every diagnostic printed, help everywhere, runs offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from garage.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_a_clean_spec(capsys):
+    code, out, err = run(capsys, "check", str(EXAMPLES / "steer.garage"))
+    assert code == 0 and out.strip() == "no problems found" and "loading tiny:gpt2" in err
+
+
+def test_check_prints_every_diagnostic_and_exits_1(capsys, tmp_path):
+    spec = tmp_path / "bad.garage"
+    spec.write_text("expect layers 3\nat h.40 zero\nat h.1 scael 2\nat h.1 add v\n")
+    code, out, _ = run(capsys, "check", str(spec))
+    assert code == 1
+    for where in ("bad.garage:1:1: error:", "bad.garage:2:6: error:", "bad.garage:3:8: error:", "bad.garage:4:12: error:"):
+        assert where in out
+    assert out.rstrip().endswith("4 errors")
+
+
+def test_usage_errors_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        main(["check"])
+    assert err.value.code == 2
+    code, _, err_text = run(capsys, "check", str(EXAMPLES / "steer.garage"), "--model", "tiny:nope")
+    assert code == 2 and "no built-in model 'tiny:nope'" in err_text
+    code, _, err_text = run(capsys, "check", str(tmp_path / "missing.garage"))
+    assert code == 1 and "cannot read spec file" in err_text
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["explain"], ["run"], ["fmt"]])
+def test_help_everywhere(capsys, command):
+    with pytest.raises(SystemExit) as err:
+        main([*command, "--help"])
+    assert err.value.code == 0
+    assert "usage: garage" in capsys.readouterr().out
+
+
+def test_explain_lists_sites_and_nodes(capsys):
+    code, out, _ = run(capsys, "explain", str(EXAMPLES / "steer.garage"))
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["line:col", "site", "module"]
+    assert any("h.8" in line and "blade gated" in line and "garage_op_" in line for line in lines)
+
+
+def test_run_generates_with_and_without_the_spec(capsys):
+    code, out, err = run(capsys, "run", str(EXAMPLES / "steer.garage"), "--prompt", "Hello", "--max-new-tokens", "8",
+                         "--compare")
+    assert code == 0 and "generating" in err
+    sections = [line for line in out.splitlines() if line.startswith("== ")]
+    assert sections == [f"== with {EXAMPLES / 'steer.garage'}", "== without", "== how far the spec moves each layer (on the prompt)"]
+    with_text, without_text = out.splitlines()[1], out.splitlines()[3]
+    assert with_text.startswith("Hello") and without_text.startswith("Hello")
+    assert "h.11" in out and "final" in out
+
+
+def test_fmt_and_fmt_check(capsys, tmp_path):
+    spec = tmp_path / "s.garage"
+    spec.write_text("at 6 scale 0.90 ; at N-4 blade   gated\n")
+    code, out, _ = run(capsys, "fmt", str(spec))
+    assert code == 0 and out == "at h.6 scale 0.9\nat h.N-4 blade gated\n"
+    assert run(capsys, "fmt", "--check", str(spec))[0] == 1
+    spec.write_text(out)
+    assert run(capsys, "fmt", "--check", str(spec))[0] == 0
+
+
+def test_the_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "garage.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "check" in result.stdout and "run" in result.stdout
