@@ -105,7 +105,7 @@ def compile(
     report = validate(model, prepared)
     prepared.raise_if_errors()
     return InjectedModel(model, prepared.plan, list(prepared.modules), prepared.captures,
-                         compile=compile, warnings=report.warnings)
+                         compile=compile, warnings=report.warnings, scoring_graph=report.injected)
 
 
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:

@@ -74,11 +74,7 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         hooks.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
         if _past_length(kwargs) == 0:  # a new prompt: its real tokens are the [prompt] positions
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            hooks.ctx.prompt_length = (
-                hooks.ctx.attention_mask.sum(-1) if hooks.ctx.attention_mask is not None
-                else torch.full((ids.shape[0],), ids.shape[1], device=ids.device) if isinstance(ids, torch.Tensor) else None
-            )
+            hooks.ctx.prompt_length = _real_tokens(hooks.ctx.attention_mask, kwargs.get("input_ids", args[0] if args else None))
 
     if any(isinstance(m, AtPositions) for m in modules):
         hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))
@@ -92,6 +88,15 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
         else:
             hooks.handles.append(target.register_forward_hook(lambda _m, _a, out, run=run: _replace_hidden(out, run)))
     return hooks
+
+
+def _real_tokens(mask: torch.Tensor | None, ids: Any) -> torch.Tensor | None:
+    """Per row, how many real (unpadded) tokens a prompt has."""
+    if mask is not None:
+        return mask.sum(-1)
+    if isinstance(ids, torch.Tensor):
+        return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+    return None
 
 
 def _past_length(kwargs: dict) -> int:

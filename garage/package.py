@@ -11,11 +11,13 @@ from torch.fx import GraphModule
 from torch.fx.experimental import _config as fx_config
 
 from . import artifact
+from .diagnostics import Diagnostic, ValidationError
 from .formatter import format_op
+from .locate import SiteNotFound
 from .resolve import Plan
 from .rewrite import Inserted, inject
 from .generate import Sampling, decode_loop, export_step
-from .trace import Signature, base_graph, cached_graph, materialize, signature
+from .trace import SCORING, Signature, base_graph, cached_graph, materialize, signature
 
 STEP_PREFIX = "model."  # the generation steps wrap the model as `self.model`
 
@@ -48,32 +50,33 @@ class InjectedModel(nn.Module):
         captures: dict[str, torch.Tensor],
         compile: bool | dict = False,
         warnings: list | None = None,
+        scoring_graph: tuple[GraphModule, list[Inserted]] | None = None,
     ) -> None:
+        """`scoring_graph` is the injected default scoring graph when the validator has already built it."""
         super().__init__()
         self.ops = nn.ModuleList(modules)
         object.__setattr__(self, "model", model)  # not a submodule: its parameters are not ours
         self.plan = plan
         self.captures = captures
         self.warnings = list(warnings or [])
-        # dynamic from the first call: a new length or batch size must not recompile the graph
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         # keyed by a scoring input signature, or "prefill" / "decode"
         self._graphs: dict[Signature | str, GraphModule] = {}
         self._runners: dict[Signature | str, Callable[..., Any]] = {}
         self._inserted: dict[Signature | str, list[Inserted]] = {}
         self.train(model.training)
-        self._runner(self._default_signature())
+        if scoring_graph is not None:
+            self._graphs[SCORING], self._inserted[SCORING] = scoring_graph
+        self._runner(SCORING)
 
     # ------------------------------------------------------------------ graphs
-    def _default_signature(self) -> Signature:
-        return signature({"input_ids": torch.zeros(1, dtype=torch.long), "attention_mask": torch.zeros(1, dtype=torch.long)})
-
     def _runner(self, sig: Signature) -> Callable[..., Any]:
         if sig not in self._runners:
-            base = base_graph(self.model, sig)
-            gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size)
-            self._graphs[sig], self._inserted[sig] = gm, inserted
-            self._runners[sig] = self._maybe_compiled(gm)
+            if sig not in self._graphs:
+                base = base_graph(self.model, sig)
+                self._graphs[sig], self._inserted[sig] = inject(
+                    base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size)
+            self._runners[sig] = self._maybe_compiled(self._graphs[sig])
         return self._runners[sig]
 
     def _maybe_compiled(self, gm: GraphModule, decode: bool = False) -> Callable[..., Any]:
@@ -94,9 +97,8 @@ class InjectedModel(nn.Module):
     @property
     def graph_module(self) -> GraphModule:
         """The injected GraphModule for input_ids + attention_mask (its `.code` is readable Python)."""
-        sig = self._default_signature()
-        self._runner(sig)
-        return self._graphs[sig]
+        self._runner(SCORING)
+        return self._graphs[SCORING]
 
     # ------------------------------------------------------------------ calling
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any):
@@ -120,8 +122,12 @@ class InjectedModel(nn.Module):
         """The injected prefill or decode graph (same op modules as scoring), built on first use."""
         if kind not in self._runners:
             base = cached_graph(self.model, kind, lambda: export_step(self.model, decode=kind == "decode"))
-            gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size,
-                                  prefix=STEP_PREFIX)
+            try:
+                gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size,
+                                      prefix=STEP_PREFIX)
+            except SiteNotFound as err:
+                raise ValidationError([Diagnostic("error", f"cannot generate with this spec: {err}",
+                                                  self.plan.spec.filename, hint="name another site")]) from None
             self._graphs[kind], self._inserted[kind] = gm, inserted
             self._runners[kind] = self._maybe_compiled(gm, decode=kind == "decode")
         return self._runners[kind]
@@ -140,8 +146,7 @@ class InjectedModel(nn.Module):
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
         """Like `model.generate`: prompt + new token ids, decoded with a KV cache through the injected graphs."""
-        if not hasattr(self.model, "generate") or getattr(self.model.config, "is_decoder", True) is False and \
-                self.model.config.model_type == "bert":
+        if not getattr(self.model, "can_generate", lambda: False)():
             raise TypeError(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
         config = getattr(self.model, "generation_config", None)
         if eos_token_id is None and config is not None:
@@ -176,9 +181,8 @@ class InjectedModel(nn.Module):
     # ------------------------------------------------------------------ inspection
     def explain(self) -> str:
         """One row a statement and site: line:col, site, module path, fx node, op."""
-        sig = self._default_signature()
-        self._runner(sig)
-        nodes = {x.index: x.node for x in self._inserted[sig]}
+        self._runner(SCORING)
+        nodes = {x.index: x.node for x in self._inserted[SCORING]}
         rows = [("line:col", "site", "module path", "fx node", "op")]
         for i, step in enumerate(self.plan):
             rows.append((f"{step.span.line}:{step.span.column}", step.site.label, step.site.module_path,

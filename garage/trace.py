@@ -27,6 +27,8 @@ def signature(inputs: Mapping[str, torch.Tensor]) -> Signature:
     return tuple(sorted((name, t.dtype) for name, t in inputs.items()))
 
 
+SCORING: Signature = (("attention_mask", torch.long), ("input_ids", torch.long))  # the default scoring graph
+
 @contextlib.contextmanager
 def _scoring_config(model: nn.Module) -> Iterator[None]:
     """use_cache=False while exporting; set on the config, since as a kwarg it would become a graph input."""
