@@ -35,9 +35,9 @@ def llama_shaped() -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def timed(fn: Callable[[], object], device: str, repeat: int) -> float:
+def timed(fn: Callable[[], object], device: str, repeat: int, warmup: int = 3) -> float:
     """Median seconds of one call, after warm-up (which absorbs compilation)."""
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):

@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from typing import Callable
 
 import torch
 import transformers
-from compile_vs_hooks import SPEC, gpt2_124m, llama_shaped
+from compile_vs_hooks import SPEC, gpt2_124m, llama_shaped, timed
 
 import garage
 
 
 def tokens_per_second(fn: Callable[[], torch.Tensor], new_tokens: int, batch: int, device: str, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        assert out.shape[1] >= new_tokens
-    return batch * new_tokens / statistics.median(times)
+    return batch * new_tokens / timed(fn, device, repeat, warmup=1)
 
 
 def bench(name: str, model: torch.nn.Module, batch: int, args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ without transformers' output classes. The injected ops and their parameters are 
 from __future__ import annotations
 
 import os
+import zipfile
 
 import torch
 from torch import nn
@@ -49,12 +50,16 @@ def package(program: torch.export.ExportedProgram, path: str | os.PathLike) -> s
     return aoti_compile_and_package(program, package_path=os.fspath(path))
 
 
+def is_aoti_package(path: str) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any("/aotinductor/" in name for name in archive.namelist())
+
+
 def load_artifact(path: str | os.PathLike):
     """A callable `(input_ids=…, attention_mask=…) → logits` from a file written by `save` or `package`."""
     path = os.fspath(path)
-    try:
-        return torch.export.load(path).module()
-    except Exception:  # not a plain exported program: try an AOTInductor package
+    if is_aoti_package(path):
         from torch._inductor import aoti_load_package
 
         return aoti_load_package(path)
+    return torch.export.load(path).module()

@@ -27,11 +27,15 @@ SpecLike = Union[ast.Spec, str, os.PathLike]
 
 
 def spec_and_syntax(spec: SpecLike) -> tuple[ast.Spec, list[Diagnostic]]:
-    """A spec and its syntax errors, keeping every statement that parsed (to report all problems at once)."""
+    """A spec and its syntax errors, keeping every statement that parsed (to report all problems at once).
+
+    `spec` is a Spec, spec text, or a path (a PathLike, or a str naming a `.garage` file)."""
     if isinstance(spec, ast.Spec):
         return spec, []
     if isinstance(spec, os.PathLike):
         return parse_collect(read_spec_file(spec), os.fspath(spec))
+    if isinstance(spec, str) and spec.endswith(".garage") and not any(c.isspace() for c in spec):
+        return spec_and_syntax(Path(spec))  # a file name is never valid spec text: read the file
     if isinstance(spec, str):
         return parse_collect(spec)
     raise TypeError(f"a spec is a garage.Spec, spec text or a path, not {type(spec).__name__}")

@@ -224,3 +224,10 @@ def test_torch_compile_fullgraph_equal_and_no_recompile_on_strength_change():
     assert counters["stats"]["unique_graphs"] == graphs == 1
     assert torch.allclose(b, eager(**inputs).logits, atol=1e-5)
     assert not torch.allclose(a, b)
+
+
+def test_a_str_naming_a_garage_file_is_read_as_a_file(tmp_path, llama, monkeypatch):
+    (tmp_path / "s.garage").write_text("at h.1 scale 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    from_str = garage.compile(llama, "s.garage")(**ids_and_mask()).logits
+    assert torch.equal(from_str, garage.compile(llama, "at h.1 scale 0.5")(**ids_and_mask()).logits)

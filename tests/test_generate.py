@@ -143,3 +143,14 @@ def test_compiled_decoding_matches_eager_and_never_recompiles():
     assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=NEW),
                        eager.generate(ids, attention_mask=mask, max_new_tokens=NEW))
     assert counters["stats"]["unique_graphs"] <= graphs + 1  # at most the prefill, for batch 4 after batch 1
+
+
+@pytest.mark.slow
+def test_aot_inductor_package_loads_and_matches(tmp_path):
+    model = tiny_model("gpt2")
+    injected = garage.compile(model, "at h.1 scale 0.5; at h.2[last] add v", bind={"v": torch.randn(64)})
+    path = injected.package(tmp_path / "steered_aoti.pt2")
+    ids, mask = prompt()
+    compiled = garage.load_artifact(path)
+    assert torch.allclose(compiled(input_ids=ids, attention_mask=mask), injected(input_ids=ids, attention_mask=mask).logits,
+                          atol=1e-5)
