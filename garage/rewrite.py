@@ -94,12 +94,4 @@ def inject(
     return graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index)
 
 
-def op_modules(gm: GraphModule) -> dict[str, nn.Module]:
-    return {name: m for name, m in gm.named_children() if name.startswith(OP_PREFIX)}
-
-
-def is_injected(node: Node) -> bool:
-    return node.op == "call_module" and str(node.target).startswith(OP_PREFIX)
-
-
-__all__ = ["Inserted", "Location", "inject", "is_injected", "op_modules", "site_location"]
+__all__ = ["Inserted", "Location", "inject", "site_location"]

@@ -2,7 +2,7 @@
 
 Tracing costs seconds, so base graphs are cached per model and input signature: compiling a second
 spec on the same model reuses the graph. The user's model is left exactly as it was: the config's
-`use_cache` is set only for the duration of the export.
+`use_cache` is set, and hooks on the model are set aside, only for the duration of the export.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torch import nn
 Signature = tuple[tuple[str, torch.dtype], ...]
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.fx.GraphModule]]" = weakref.WeakKeyDictionary()
-# Graphs of the model exported inside a wrapper (the generation steps) see its modules under this prefix.
 _LOCK = threading.Lock()
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # above 1, so export keeps both dimensions symbolic
 
@@ -28,6 +27,7 @@ def signature(inputs: Mapping[str, torch.Tensor]) -> Signature:
 
 
 SCORING: Signature = (("attention_mask", torch.long), ("input_ids", torch.long))  # the default scoring graph
+
 
 @contextlib.contextmanager
 def _scoring_config(model: nn.Module) -> Iterator[None]:
@@ -106,10 +106,6 @@ def cached_graph(model: nn.Module, kind: str, make: Callable[[], torch.fx.GraphM
 def base_graph(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
     """The cached scoring graph of this model for this input signature, exported on first use."""
     return cached_graph(model, repr(sig), lambda: export_scoring(model, sig))
-
-
-def is_cached(model: nn.Module) -> bool:
-    return bool(_CACHE.get(model))
 
 
 try:  # generates the graph's Python code on first call, so that re-compiling a spec costs no codegen

@@ -231,3 +231,11 @@ def test_a_str_naming_a_garage_file_is_read_as_a_file(tmp_path, llama, monkeypat
     monkeypatch.chdir(tmp_path)
     from_str = garage.compile(llama, "s.garage")(**ids_and_mask()).logits
     assert torch.equal(from_str, garage.compile(llama, "at h.1 scale 0.5")(**ids_and_mask()).logits)
+
+
+def test_a_capture_at_positions_keeps_only_those_positions(llama):
+    inputs = ids_and_mask()
+    inj = garage.compile(llama, "at h.1 capture all; at h.1[last] capture last")
+    inj(**inputs)
+    everything, last = inj.captures["all"], inj.captures["last"]
+    assert torch.equal(last[:, -1], everything[:, -1]) and not last[:, :-1].any()

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .capture import Capture
+
 
 class AtPositions(nn.Module):
     """Applies `inner` at some sequence positions only; the others pass through unchanged.
@@ -10,7 +12,8 @@ class AtPositions(nn.Module):
     Positions are absolute: counted from the first real (unpadded) token of the prompt, which is what
     `cumsum(attention_mask) - 1` gives, also for left-padded batches. `[last]` is the last position of
     each forward call. `prompt_length` (per row) separates `[prompt]` from `[new]` during generation;
-    without it every position is a prompt position.
+    without it every position is a prompt position. A capture at positions records the full-shape
+    tensor with the other positions zeroed.
     """
 
     def __init__(self, inner: nn.Module, kind: str, start: int | None = None, stop: int | None = None) -> None:
@@ -48,6 +51,9 @@ class AtPositions(nn.Module):
         self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, prompt_length: torch.Tensor | None = None
     ) -> torch.Tensor:
         sel = self.selected(h, attention_mask, prompt_length).reshape(*h.shape[:-1], 1)
+        if isinstance(self.inner, Capture):  # keeps the selected positions, zeros elsewhere, full shape
+            self.inner(torch.where(sel, h, torch.zeros_like(h)))
+            return h
         return torch.where(sel, self.inner(h), h)
 
     def extra_repr(self) -> str:
