@@ -1,0 +1,301 @@
+"""Lark tree of one statement → AST node, with semantic checks that the grammar cannot express.
+
+Positions from lark count from the start of the statement's chunk; `ToAst` maps them to file positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from lark import Token, Transformer, Tree, v_args
+
+from . import spec as ast
+from .diagnostics import Problem, Span
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The text of one statement and where it starts in the file."""
+
+    text: str
+    line: int
+    column: int
+
+
+def _span_of(node: Tree | Token, chunk: Chunk) -> Span:
+    """The node's span in file coordinates (lark counts from the start of the chunk)."""
+    if isinstance(node, Token):
+        line, col, end_col = node.line, node.column, node.end_column
+    else:
+        line, col, end_col = node.meta.line, node.meta.column, node.meta.end_column
+    return Span(chunk.line + line - 1, chunk.column + col - 1, chunk.column + end_col - 1)
+
+
+def _unquote(token: Token) -> str:
+    body, out, i = token[1:-1], [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body) and body[i + 1] in '"\\':
+            out.append(body[i + 1])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def _file_value(text: str, span: Span) -> ast.FileValue:
+    """`"file.safetensors#key"` names one tensor of the file."""
+    path, sep, key = text.rpartition("#")
+    if sep and key and path.endswith(_FILE_SUFFIXES):
+        return ast.FileValue(path, key, span)
+    return ast.FileValue(text, None, span)
+
+
+@v_args(meta=True)
+class ToAst(Transformer):
+    """Builds AST nodes from the lark tree of one statement; raises Problem on semantic errors."""
+
+    def __init__(self, chunk: Chunk) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    def _span(self, meta) -> Span:
+        return Span(
+            self.chunk.line + meta.line - 1,
+            self.chunk.column + meta.column - 1,
+            self.chunk.column + meta.end_column - 1,
+        )
+
+    def _tok(self, tok: Token) -> Span:
+        return _span_of(tok, self.chunk)
+
+    # numbers ---------------------------------------------------------
+    def number(self, meta, children):
+        sign = -1.0 if len(children) == 2 and children[0] == "-" else 1.0
+        value = sign * float(children[-1])
+        if not math.isfinite(value):
+            raise Problem(self._span(meta), f"number {''.join(children)} is too large", "use a finite number")
+        return value
+
+    def _int(self, tok: Token, what: str) -> int:
+        if len(tok) > 9:
+            raise Problem(self._tok(tok), f"{what} {tok} is too large")
+        return int(tok)
+
+    # statements ------------------------------------------------------
+    def at_stmt(self, meta, children):
+        site, op = children
+        return ast.At(site, op, self._span(meta))
+
+    def expect_key(self, meta, children):
+        return str(children[0])
+
+    def expect_stmt(self, meta, children):
+        key, value = children
+        if key == "model":
+            if value.type != "STRING":
+                raise Problem(self._tok(value), "`expect model` takes a quoted model type", 'write expect model "gpt2"')
+            return ast.Expect(key, _unquote(value), self._span(meta))
+        if value.type != "INT":
+            raise Problem(self._tok(value), f"`expect {key}` takes an integer", f"write expect {key} 12")
+        return ast.Expect(key, self._int(value, key), self._span(meta))
+
+    # sites -----------------------------------------------------------
+    def site(self, meta, children):
+        positions = children[1] if len(children) > 1 else None
+        return replace(children[0], positions=positions, span=self._span(meta))
+
+    def raw_site(self, meta, children):
+        return ast.ModuleSite(_unquote(children[0]), span=self._span(meta))
+
+    def bare_site(self, meta, children):
+        return self._block_site(meta, None, children[0], children[1] if len(children) > 1 else ())
+
+    def path_site(self, meta, children):
+        path = children[0]
+        if len(children) == 1:
+            name = ".".join(path)
+            if name in ast.NAMED_SITES:
+                return ast.NamedSite(name, span=self._span(meta))
+            if name in ast.LAYER_ALIASES:
+                raise Problem(self._span(meta), f"'{name}' needs a layer index", f"write {name}.6 or {name}.N-4")
+            return ast.ModuleSite(name, span=self._span(meta))
+        container = None if path in [(a,) for a in ast.LAYER_ALIASES] else path
+        return self._block_site(meta, container, children[1], children[2] if len(children) > 2 else ())
+
+    def _block_site(self, meta, container, layers, sub) -> ast.BlockSite:
+        if len(sub) == 1 and sub[0] in ast.COMPONENTS:
+            return ast.BlockSite(layers, sub[0], (), container, span=self._span(meta))
+        component = "module" if sub else "out"
+        return ast.BlockSite(layers, component, tuple(sub), container, span=self._span(meta))
+
+    def name_path(self, meta, children):
+        return tuple(c for part in children for c in (part if isinstance(part, tuple) else (str(part),)))
+
+    def sub(self, meta, children):
+        return tuple(str(c) for c in children)
+
+    def index_int(self, meta, children):
+        return ast.Index(self._int(children[0], "layer index"), self._span(meta))
+
+    def index_neg(self, meta, children):
+        return ast.Index(-self._int(children[1], "layer index"), self._span(meta))
+
+    def index_n(self, meta, children):
+        offset = 0
+        if children:
+            offset = self._int(children[1], "offset") * (-1 if children[0] == "-" else 1)
+        return ast.NIndex(offset, self._span(meta))
+
+    def index_percent(self, meta, children):
+        percent = float(children[0][:-1])
+        if percent > 100:
+            raise Problem(self._span(meta), f"{children[0]} is more than 100%", "use a depth between 0% and 100%")
+        return ast.PercentIndex(percent, self._span(meta))
+
+    def layer_range(self, meta, children):
+        return ast.LayerRange(children[0], children[1], self._span(meta))
+
+    def all_layers(self, meta, children):
+        return ast.AllLayers(self._span(meta))
+
+    def layer_set(self, meta, children):
+        return ast.LayerSet(tuple(children), self._span(meta))
+
+    def positions(self, meta, children):
+        return replace(children[0], span=self._span(meta))
+
+    def pos_last(self, meta, children):
+        return ast.Positions("last")
+
+    def pos_prompt(self, meta, children):
+        return ast.Positions("prompt")
+
+    def pos_new(self, meta, children):
+        return ast.Positions("new")
+
+    def pos_index(self, meta, children):
+        return ast.Positions("index", self._int(children[0], "position"))
+
+    def pos_neg(self, meta, children):
+        if children[1] != "1":
+            raise Problem(
+                self._span(meta),
+                f"position -{children[1]} is not supported: only -1 (the last position) counts from the end",
+                "use [last], [i] or [a:b] with absolute positions",
+            )
+        return ast.Positions("last")
+
+    def pos_slice(self, meta, children):
+        colon = next(i for i, tok in enumerate(children) if tok.type == "COLON")
+        start = self._int(children[0], "position") if colon == 1 else None
+        stop = self._int(children[-1], "position") if colon < len(children) - 1 else None
+        if start is not None and stop is not None and stop <= start:
+            raise Problem(self._span(meta), f"empty position range [{start}:{stop}]", "the end must exceed the start")
+        return ast.Positions("slice", start, stop)
+
+    # values ----------------------------------------------------------
+    def value_file(self, meta, children):
+        return _file_value(_unquote(children[0]), self._span(meta))
+
+    def value_bound(self, meta, children):
+        return ast.BoundValue(str(children[0]), self._span(meta))
+
+    def source_model(self, meta, children):
+        return ast.ModelSource(_unquote(children[0]), self._span(meta))
+
+    # ops -------------------------------------------------------------
+    def scale(self, meta, children):
+        return ast.Scale(children[0], self._span(meta))
+
+    def add(self, meta, children):
+        return ast.Add(children[0], children[1] if len(children) > 1 else None, self._span(meta))
+
+    def ablate(self, meta, children):
+        return ast.Ablate(children[0], self._span(meta))
+
+    def zero(self, meta, children):
+        return ast.Zero(self._span(meta))
+
+    def clamp(self, meta, children):
+        low, high = children
+        if low > high:
+            raise Problem(self._span(meta), f"clamp bounds are reversed: {low:g} > {high:g}", "write clamp LO HI")
+        return ast.Clamp(low, high, self._span(meta))
+
+    def noise(self, meta, children):
+        std = children[0]
+        if std < 0:
+            raise Problem(self._span(meta), f"noise std must be non-negative, got {std:g}")
+        return ast.Noise(std, len(children) > 1, self._span(meta))
+
+    def always(self, meta, children):
+        return True
+
+    def module(self, meta, children):
+        kwargs = children[1] if len(children) > 1 else ()
+        return ast.ModuleOp(str(children[0]), kwargs, self._span(meta))
+
+    def kwargs(self, meta, children):
+        seen: set[str] = set()
+        for name, _value, span in children:
+            if name in seen:
+                raise Problem(span, f"argument '{name}' is given twice")
+            seen.add(name)
+        return tuple((name, value) for name, value, _ in children)
+
+    def kwarg(self, meta, children):
+        return (str(children[0]), children[1], self._tok(children[0]))
+
+    def lit_string(self, meta, children):
+        return _unquote(children[0])
+
+    def lit_name(self, meta, children):
+        words = {"true": True, "false": False, "none": None}
+        if children[0].lower() not in words:
+            raise Problem(self._span(meta), f"'{children[0]}' is not a value", "use a number, a quoted string, true, false or none")
+        return words[children[0].lower()]
+
+    def blade_method(self, meta, children):
+        return str(children[0])
+
+    debate_method = project_kind = view_kind = blade_method
+
+    def _clauses(self, children, meta) -> dict:
+        found: dict = {}
+        for key, value, span in children:
+            if key in found:
+                raise Problem(span, f"'{key}' is given twice in one statement", f"keep one '{key}' clause")
+            found[key] = value
+        return found
+
+    def clause_from(self, meta, children):
+        return ("source", children[0], self._span(meta))
+
+    def clause_project(self, meta, children):
+        return ("project", children[0], self._span(meta))
+
+    def clause_alpha(self, meta, children):
+        return ("alpha", children[0], self._span(meta))
+
+    def clause_views(self, meta, children):
+        return ("views", children[0], self._span(meta))
+
+    def clause_strength(self, meta, children):
+        return ("strength", children[0], self._span(meta))
+
+    def blade(self, meta, children):
+        return ast.Blade(children[0], **self._clauses(children[1:], meta), span=self._span(meta))
+
+    def blade_bare(self, meta, children):
+        return ast.Blade(span=self._span(meta))
+
+    def debate(self, meta, children):
+        return ast.Debate(children[0], **self._clauses(children[1:], meta), span=self._span(meta))
+
+    def capture(self, meta, children):
+        return ast.Capture(str(children[0]), self._span(meta))
