@@ -100,8 +100,9 @@ def _module(op: ast.ModuleOp, ctx: BuildContext) -> nn.Module:
         raise Problem(op.span, f"unknown module '{op.name}'", hint)
     try:
         return ops.REGISTRY[op.name](**dict(op.kwargs))
-    except TypeError as err:
-        raise Problem(op.span, f"module {op.name} rejects its arguments: {err}", "check the argument names") from None
+    except Exception as err:  # a user class's constructor: whatever it raises is about the spec's arguments
+        raise Problem(op.span, f"module {op.name} rejects its arguments: {type(err).__name__}: {err}",
+                      "check the argument names and values") from None
 
 
 def _blade(op: ast.Blade, ctx: BuildContext) -> nn.Module:
