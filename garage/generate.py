@@ -1,10 +1,13 @@
 """KV-cache decoding through injected graphs: a prefill graph and a decode graph, exported once per model.
 
-Each graph wraps the model in a step that takes the cache as flat k/v tensors and returns the new ones,
-so the cache crosses the graph boundary as plain tensors. Every layer keeps its full cache; a sliding
-window is enforced by the model's own mask, which gives the same attention as a cropped cache.
-Inputs follow `model.generate`: position ids from the attention mask (left padding), and greedy or
-sampled tokens chosen as HF's logits processors do (temperature, then top-k, then top-p).
+The prefill step takes the prompt and returns the cache as flat k/v tensors. The decode step takes
+one token and a preallocated cache (one [batch, kv_heads, max_length, head_dim] buffer per k and v)
+that it writes in place at a slot given as a tensor, so every step has the same shapes: nothing grows,
+nothing is copied, and a compiled decode graph never recompiles. Unwritten slots are hidden by the
+attention mask. Every layer keeps a full-length cache; a sliding window is enforced by the model's own
+mask, which gives the same attention as a cropped cache. Inputs follow `model.generate`: position ids
+from the attention mask (left padding), and greedy or sampled tokens chosen as HF's logits processors
+do (temperature, then top-k, then top-p).
 """
 
 from __future__ import annotations
@@ -15,8 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 EXAMPLE_PAST = 5
+
+
+def _step_kwargs(model: nn.Module) -> dict:
+    """Fixed forward kwargs of a generation step: the LM head runs on the last position only."""
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -31,15 +41,53 @@ class CachedStep(nn.Module):
         super().__init__()
         self.model = model
         self.cache_kwarg = _cache_kwarg(model)
+        self.step_kwargs = _step_kwargs(model)
 
     def forward(self, input_ids, attention_mask, position_ids, prompt_length, past: tuple[torch.Tensor, ...] = ()):
         cache = DynamicCache(list(zip(past[0::2], past[1::2]))) if past else DynamicCache()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_kwarg: cache})
+                         **self.step_kwargs, **{self.cache_kwarg: cache})
         new_cache = getattr(out, self.cache_kwarg, None) or out.past_key_values
-        # contiguous, so the cache has the same strides after prefill and after decode (no recompiles)
-        flat = [t.contiguous() for layer in new_cache.layers for t in (layer.keys, layer.values)]
+        flat = [t for layer in new_cache.layers for t in (layer.keys, layer.values)]
         return (out.logits[:, -1, :], *flat)
+
+
+class SlotLayer(DynamicLayer):
+    """A preallocated cache layer, written in place at `slot` (a 1-element tensor) instead of grown."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.slot = keys, values, slot
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys.index_copy_(2, self.slot, key_states)
+        self.values.index_copy_(2, self.slot, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> torch.Tensor:  # the query offset the mask functions need, as a tensor
+        return self.slot[0]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
+class SlotStep(nn.Module):
+    """One decode step: (token, full-length mask, position, prompt_length, slot, cache buffers) → logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.cache_kwarg = _cache_kwarg(model)
+        self.step_kwargs = _step_kwargs(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, prompt_length, slot, past: tuple[torch.Tensor, ...]):
+        cache = DynamicCache()
+        cache.layers = [SlotLayer(k, v, slot) for k, v in zip(past[0::2], past[1::2])]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **self.step_kwargs, **{self.cache_kwarg: cache})
+        return out.logits[:, -1, :]
 
 
 def _kv_shapes(model: nn.Module, batch: int, past: int) -> list[tuple[int, ...]]:
@@ -53,23 +101,29 @@ def _kv_shapes(model: nn.Module, batch: int, past: int) -> list[tuple[int, ...]]
 
 
 def export_step(model: nn.Module, decode: bool) -> torch.fx.GraphModule:
-    """The prefill (no cache in) or decode (one token, cache in) graph of the model, batch and lengths dynamic."""
+    """The prefill (prompt in, cache out) or decode (one token, cache buffers written in place) graph of the
+    model, with batch and lengths dynamic."""
     device = next(model.parameters()).device
-    step = CachedStep(model)
-    batch, seq = 2, (1 if decode else 8)
-    total = EXAMPLE_PAST + seq if decode else seq
-    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    mask = torch.ones(batch, total, dtype=torch.long, device=device)
-    positions = (mask.cumsum(-1) - 1)[:, -seq:]
-    prompt = torch.full((batch,), total, dtype=torch.long, device=device)
     dyn = torch.export.Dim.DYNAMIC
-    token_dims = {0: dyn} if decode else {0: dyn, 1: dyn}
-    past: tuple[torch.Tensor, ...] = ()
+    batch, total = 2, EXAMPLE_PAST + 1
+    seq = 1 if decode else 8
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    prompt = torch.full((batch,), EXAMPLE_PAST, dtype=torch.long, device=device)
     if decode:
         dtype = next(model.parameters()).dtype
-        past = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in _kv_shapes(model, batch, EXAMPLE_PAST))
-    args = (ids, mask, positions, prompt, past)
-    shapes = (token_dims, {0: dyn, 1: dyn}, token_dims, {0: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
+        past = tuple(torch.zeros(shape[:2] + (total,) + shape[3:], dtype=dtype, device=device)
+                     for shape in _kv_shapes(model, batch, EXAMPLE_PAST))
+        mask = torch.ones(batch, total, dtype=torch.long, device=device)
+        positions = torch.full((batch, 1), EXAMPLE_PAST, dtype=torch.long, device=device)
+        slot = torch.full((1,), EXAMPLE_PAST, dtype=torch.long, device=device)
+        step: nn.Module = SlotStep(model)
+        args: tuple = (ids, mask, positions, prompt, slot, past)
+        shapes: tuple = ({0: dyn}, {0: dyn, 1: dyn}, {0: dyn}, {0: dyn}, None, tuple({0: dyn, 2: dyn} for _ in past))
+    else:
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        step = CachedStep(model)
+        args = (ids, mask, mask.cumsum(-1) - 1, prompt, ())
+        shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, ())
     with torch.no_grad():
         program = torch.export.export(step, args, dynamic_shapes=shapes, strict=False,
                                       prefer_deferred_runtime_asserts_over_guards=True)
@@ -104,12 +158,19 @@ def decode_loop(prefill, decode, input_ids: torch.Tensor, attention_mask: torch.
                 sampling: Sampling, eos_token_ids: list[int], pad_token_id: int | None) -> torch.Tensor:
     """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`."""
     mask = attention_mask.to(torch.long)
+    batch, prompt_tokens = input_ids.shape
     prompt_length = mask.sum(-1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits, *cache = prefill(input_ids, mask, positions, prompt_length, ())
-    cache = [t.contiguous() for t in cache]  # a compiled prefill may lay the cache out otherwise
+    logits, *prompt_cache = prefill(input_ids, mask, positions, prompt_length, ())
+    length = prompt_tokens + max_new_tokens
+    cache = []
+    for t in prompt_cache:  # preallocated buffers the decode graph writes in place
+        buffer = t.new_zeros(t.shape[0], t.shape[1], length, t.shape[3])
+        buffer[:, :, :prompt_tokens] = t
+        cache.append(buffer)
+    full_mask = torch.cat([mask, mask.new_zeros(batch, max_new_tokens)], dim=-1)
     tokens = input_ids
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(eos_token_ids, device=input_ids.device) if eos_token_ids else None
     last_position = positions[:, -1:]
     for step in range(max_new_tokens):
@@ -123,7 +184,9 @@ def decode_loop(prefill, decode, input_ids: torch.Tensor, attention_mask: torch.
                 break
         if step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        slot = prompt_tokens + step
+        full_mask[:, slot] = 1
         last_position = last_position + 1
-        logits, *cache = decode(next_token[:, None], mask, last_position, prompt_length, tuple(cache))
+        slot_tensor = torch.full((1,), slot, dtype=torch.long, device=input_ids.device)
+        logits = decode(next_token[:, None], full_mask, last_position, prompt_length, slot_tensor, tuple(cache))
     return tokens

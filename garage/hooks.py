@@ -23,11 +23,15 @@ class CallContext:
 
     attention_mask: torch.Tensor | None = None
     prompt_length: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
 
 
 def apply_ops(modules: Iterable[nn.Module], h: torch.Tensor, ctx: CallContext) -> torch.Tensor:
     for module in modules:
-        h = module(h, ctx.attention_mask, ctx.prompt_length) if isinstance(module, AtPositions) else module(h)
+        if isinstance(module, AtPositions):
+            h = module(h, ctx.attention_mask, ctx.prompt_length, None, ctx.input_ids)
+        else:
+            h = module(h)
     return h
 
 
@@ -72,9 +76,11 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
 
     def remember_mask(_module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
         hooks.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        hooks.ctx.input_ids = ids if isinstance(ids, torch.Tensor) else None
         if _past_length(kwargs) == 0:  # a new prompt: its real tokens are the [prompt] positions
-            hooks.ctx.prompt_length = _real_tokens(hooks.ctx.attention_mask, kwargs.get("input_ids", args[0] if args else None))
+            hooks.ctx.prompt_length = _real_tokens(hooks.ctx.attention_mask, ids)
 
     if any(isinstance(m, AtPositions) for m in modules):
         hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))

@@ -51,8 +51,9 @@ class HiddenShape:
         if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3) or val.shape[-1] != self.hidden:
             return False
         dims = tuple(str(d) for d in val.shape[:-1])
-        flat = self.batch if self.seq == "1" else f"{self.batch}*{self.seq}"  # OPT flattens to [batch*seq, hidden]
-        return dims == (self.batch, self.seq) or dims == (flat,)
+        # OPT flattens to [batch*seq, hidden]; sympy may print the product either way round.
+        flat = {self.batch} if self.seq == "1" else {f"{self.batch}*{self.seq}", f"{self.seq}*{self.batch}"}
+        return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in flat)
 
 
 def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> list[Node]:

@@ -15,28 +15,36 @@ from .diagnostics import Diagnostic, ValidationError
 from .formatter import format_op
 from .locate import SiteNotFound
 from .resolve import Plan
-from .rewrite import Inserted, inject
+from .rewrite import POSITION_INPUTS, Inserted, inject
 from .generate import Sampling, decode_loop, export_step
-from .trace import SCORING, Signature, base_graph, cached_graph, materialize, signature
+from .trace import SCORING, Signature, base_graph, cached_graph, causal_path_possible, export_unpadded, materialize, signature
 
-STEP_PREFIX = "model."  # the generation steps wrap the model as `self.model`
+STEP_PREFIX = "model."  # the generation steps and the unpadded scoring graph wrap the model as `self.model`
 
 # Forward kwargs the scoring graph has baked in; passing them with these values is harmless.
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
           "output_attentions": (False, None)}
 
 
-def mark_dynamic(args: tuple, kwargs: dict, decode: bool) -> None:
-    """Mark batch and sequence dimensions dynamic; a decode step's single new token stays static."""
-    tensors = list(args[:4]) + list(kwargs.values())
-    for i, t in enumerate(tensors):
-        if isinstance(t, torch.Tensor):
-            step_token = decode and i in (0, 2)  # input_ids and position_ids of one token
-            for dim in ([0] if step_token or t.dim() == 1 else [0, 1]):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
-    for t in (args[4] if len(args) > 4 else ()):
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(t, 2)
+# Per graph kind, the dynamic dimensions of each positional input (the scoring graph takes kwargs).
+_STEP_DIMS = {
+    "prefill": ((0, 1), (0, 1), (0, 1), (0,), ()),
+    "decode": ((0,), (0, 1), (0,), (0,), (), ()),  # one token; its mask spans the whole cache
+}
+
+
+def mark_dynamic(kind: str, args: tuple, kwargs: dict) -> None:
+    """Mark batch and length dimensions dynamic before a compiled call, so no new size recompiles."""
+    for tensor in kwargs.values():
+        for dim in range(min(tensor.dim(), 2)):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    for value, dims in zip(args, _STEP_DIMS.get(kind, ())):
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(value, dim)
+    if kind in _STEP_DIMS and len(args) > 4:
+        for buffer in args[-1]:  # the cache: batch and length
+            torch._dynamo.maybe_mark_dynamic(buffer, 0)
+            torch._dynamo.maybe_mark_dynamic(buffer, 2)
 
 
 class InjectedModel(nn.Module):
@@ -64,6 +72,7 @@ class InjectedModel(nn.Module):
         self._graphs: dict[Signature | str, GraphModule] = {}
         self._runners: dict[Signature | str, Callable[..., Any]] = {}
         self._inserted: dict[Signature | str, list[Inserted]] = {}
+        self._causal_path = causal_path_possible(model)
         self.train(model.training)
         if scoring_graph is not None:
             self._graphs[SCORING], self._inserted[SCORING] = scoring_graph
@@ -76,10 +85,10 @@ class InjectedModel(nn.Module):
                 base = base_graph(self.model, sig)
                 self._graphs[sig], self._inserted[sig] = inject(
                     base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size)
-            self._runners[sig] = self._maybe_compiled(self._graphs[sig])
+            self._runners[sig] = self._maybe_compiled(self._graphs[sig], "scoring")
         return self._runners[sig]
 
-    def _maybe_compiled(self, gm: GraphModule, decode: bool = False) -> Callable[..., Any]:
+    def _maybe_compiled(self, gm: GraphModule, kind: str) -> Callable[..., Any]:
         if self._compile_options is None:
             return gm
         materialize(gm)  # dynamo does not trace a lazily generated forward
@@ -88,7 +97,7 @@ class InjectedModel(nn.Module):
         def run(*args: Any, **kwargs: Any) -> Any:
             # Batch and lengths are dynamic from the first call, and size-1 dimensions stay symbolic, so a
             # new length, batch 1, or the next decode step never recompiles.
-            mark_dynamic(args, kwargs, decode)
+            mark_dynamic(kind, args, kwargs)
             with fx_config.patch(backed_size_oblivious=True):
                 return compiled(*args, **kwargs)
 
@@ -112,24 +121,32 @@ class InjectedModel(nn.Module):
                 raise TypeError(f"InjectedModel does not take {name}={value!r}: the scoring graph has it baked in")
         if "input_ids" not in inputs:
             raise TypeError("InjectedModel needs input_ids")
+        self.captures.clear()
+        if self._unpadded(inputs):  # no padding: SDPA's causal path, with no mask materialized
+            return self._step_runner("unpadded")(input_ids=inputs["input_ids"])
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        self.captures.clear()
         return self._runner(signature(inputs))(**inputs)
 
     # ------------------------------------------------------------------ generation
     def _step_runner(self, kind: str) -> Callable[..., Any]:
-        """The injected prefill or decode graph (same op modules as scoring), built on first use."""
+        """The injected "prefill", "decode" or "unpadded" (scoring without padding) graph, built on first use.
+
+        These graphs wrap the model, so its modules sit under STEP_PREFIX; they share the op modules."""
         if kind not in self._runners:
-            base = cached_graph(self.model, kind, lambda: export_step(self.model, decode=kind == "decode"))
+            make = (lambda: export_unpadded(self.model)) if kind == "unpadded" else \
+                (lambda: export_step(self.model, decode=kind == "decode"))
+            base = cached_graph(self.model, kind, make)
+            # The decode step's mask covers the whole preallocated cache, so positions come from position_ids.
+            inputs = (None, *POSITION_INPUTS[1:]) if kind == "decode" else POSITION_INPUTS
             try:
                 gm, inserted = inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size,
-                                      prefix=STEP_PREFIX)
+                                      prefix=STEP_PREFIX, position_inputs=inputs)
             except SiteNotFound as err:
-                raise ValidationError([Diagnostic("error", f"cannot generate with this spec: {err}",
+                raise ValidationError([Diagnostic("error", f"cannot place the spec in the {kind} graph: {err}",
                                                   self.plan.spec.filename, hint="name another site")]) from None
             self._graphs[kind], self._inserted[kind] = gm, inserted
-            self._runners[kind] = self._maybe_compiled(gm, decode=kind == "decode")
+            self._runners[kind] = self._maybe_compiled(gm, "scoring" if kind == "unpadded" else kind)
         return self._runners[kind]
 
     @torch.no_grad()
@@ -177,6 +194,15 @@ class InjectedModel(nn.Module):
     def package(self, path: str | os.PathLike) -> str:
         """Write an AOTInductor-compiled package of the same program (needs a C++ compiler)."""
         return artifact.package(self._program(), path)
+
+    def _unpadded(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Whether this call can take the unpadded graph: only ids (and an all-ones mask), 2+ tokens.
+
+        Checking the mask reads it back (one sync), as transformers itself does before skipping a mask."""
+        if not self._causal_path or set(inputs) - {"input_ids", "attention_mask"} or inputs["input_ids"].shape[1] < 2:
+            return False
+        mask = inputs.get("attention_mask")
+        return mask is None or bool(mask.all())
 
     # ------------------------------------------------------------------ inspection
     def explain(self) -> str:

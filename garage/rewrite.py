@@ -53,18 +53,28 @@ class Inserted:
     node: str
 
 
+POSITION_INPUTS = ("attention_mask", "prompt_length", "position_ids", "input_ids")
+
+
 def inject(
-    base: GraphModule, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module], hidden: int, prefix: str = ""
+    base: GraphModule,
+    sites: Sequence[ConcreteSite],
+    modules: Sequence[nn.Module],
+    hidden: int,
+    prefix: str = "",
+    position_inputs: Sequence[str | None] = POSITION_INPUTS,
 ) -> tuple[GraphModule, list[Inserted]]:
     """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed.
 
-    Position-limited ops also receive the graph's `attention_mask` and, in generation graphs, `prompt_length`.
+    Position-limited ops also receive the graph inputs named in `position_inputs` (None, or a name the
+    graph lacks, passes None): the attention mask, in generation graphs the prompt lengths and the
+    position ids, and the input ids (whose shape gives batch and sequence for flattened values).
     """
     locations = [site_location(base, site, hidden, prefix) for site in sites]
     graph = copy_graph(base)
     submodules: dict[str, nn.Module] = {}
     nodes = {n.name: n for n in graph.nodes}
-    position_inputs = tuple(nodes[name] for name in ("attention_mask", "prompt_length") if name in nodes)
+    position_args = tuple(nodes.get(name) if name else None for name in position_inputs)
     seen: dict[tuple[str, str], Node] = {}  # (site node, user) → the value that user currently reads
     inserted: list[Inserted] = []
 
@@ -81,7 +91,7 @@ def inject(
         for i in by_site[key]:
             name = f"{OP_PREFIX}{i}"
             submodules[name] = modules[i]
-            extra = position_inputs if isinstance(modules[i], AtPositions) else ()
+            extra = position_args if isinstance(modules[i], AtPositions) else ()
             with graph.inserting_after(value):
                 new = graph.call_module(name, (value, *extra))
             new.meta["val"] = origin.meta.get("val")
@@ -94,4 +104,4 @@ def inject(
     return graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index)
 
 
-__all__ = ["Inserted", "Location", "inject", "site_location"]
+__all__ = ["POSITION_INPUTS", "Inserted", "Location", "inject", "site_location"]

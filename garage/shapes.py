@@ -25,7 +25,8 @@ def user_module(module: nn.Module) -> tuple[nn.Module, str] | None:
 
 
 def describe(shape: torch.Size, names: HiddenShape) -> str:
-    words = {names.batch: "batch", names.seq: "seq", f"{names.batch}*{names.seq}": "batch*seq"}
+    words = {names.batch: "batch", names.seq: "seq", f"{names.batch}*{names.seq}": "batch*seq",
+             f"{names.seq}*{names.batch}": "batch*seq"}
     return "[" + ", ".join(words.get(str(d), str(d)) for d in shape) + "]"
 
 

@@ -90,6 +90,64 @@ def export_scoring(model: nn.Module, sig: Signature) -> torch.fx.GraphModule:
     return program.module()
 
 
+class UnpaddedScoring(nn.Module):
+    """The model on a batch without padding. It passes an empty cache and no mask, which lets transformers
+    leave the attention mask out and call SDPA with `is_causal=True` (its fast causal kernels)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        from transformers import DynamicCache
+
+        out = self.model(input_ids=input_ids, use_cache=False, **{_cache_kwarg(self.model): DynamicCache()})
+        return type(out)(logits=out.logits)  # the cache stays inside the graph
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def causal_path_possible(model: nn.Module) -> bool:
+    """Whether an unpadded batch can skip the attention mask: a causal LM on SDPA with no sliding windows."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return (
+        getattr(model, "can_generate", lambda: False)()
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and not sliding
+        and all(kind == "full_attention" for kind in layer_types)
+    )
+
+
+@contextlib.contextmanager
+def _mask_skipping_allowed() -> Iterator[None]:
+    """transformers never skips the mask while exporting, since a shape-specialised `is_causal` could be wrong.
+    The unpadded graph is exported only for q_length == kv_length with no padding, where it is right."""
+    from transformers import masking_utils
+
+    saved = masking_utils.is_torchdynamo_exporting
+    masking_utils.is_torchdynamo_exporting = lambda: False
+    try:
+        yield
+    finally:
+        masking_utils.is_torchdynamo_exporting = saved
+
+
+def export_unpadded(model: nn.Module) -> torch.fx.GraphModule:
+    """The scoring graph for batches without padding (input_ids only; sequences of 2 tokens or more)."""
+    inputs = example_inputs(model, (("input_ids", torch.long),))
+    dims = {"input_ids": {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}}
+    with _mask_skipping_allowed(), torch.no_grad():
+        program = torch.export.export(UnpaddedScoring(model), (), inputs, strict=False, dynamic_shapes=dims,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+    return program.module()
+
+
 def cached_graph(model: nn.Module, kind: str, make: Callable[[], torch.fx.GraphModule]) -> torch.fx.GraphModule:
     """The model's graph of this kind (e.g. a scoring signature, "prefill", "decode"), made on first use,
     with any hooks on the model left out of it."""

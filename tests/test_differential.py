@@ -181,3 +181,22 @@ def test_positions_touch_only_their_positions(arch):
     absolute = inputs["attention_mask"].cumsum(-1) - 1
     touched = ((absolute >= 2) & (absolute < 5) & inputs["attention_mask"].bool()).unsqueeze(-1)
     assert torch.equal(after, torch.where(touched, torch.zeros_like(before), before))
+
+
+def test_unpadded_batches_take_the_causal_path_and_agree(arch):
+    """Without padding, the injected graph leaves the mask out and SDPA runs causal; hooks still agree."""
+    name, model, _ = arch
+    inputs = {"input_ids": batch(3)["input_ids"]}
+    spec = "at h.1 scale -1.3; at h.2[last] add vec; at h.0.mlp[1:4] clamp -0.01 0.01; at h.3 capture c"
+    torch.manual_seed(0)
+    inj = garage.compile(model, spec, bind=bindings())
+    with torch.no_grad():
+        graph_out = logits(inj(**inputs))
+        with attach(model, [s.site for s in inj.plan], list(inj.ops)):
+            hook_out = logits(model(**inputs))
+    assert_close(graph_out, hook_out)
+    if "unpadded" in inj._runners:
+        sdpa = [n for n in inj._graphs["unpadded"].graph.nodes if "scaled_dot_product" in str(n.target)]
+        assert sdpa and all(n.args[3] is None and n.args[5] is True for n in sdpa)  # no mask, is_causal
+    else:
+        assert name in ("qwen2", "mistral", "gemma2", "gemma3", "bert")  # sliding windows, eager, encoder

@@ -21,26 +21,36 @@ class AtPositions(nn.Module):
         self.inner = inner
         self.kind, self.start, self.stop = kind, start, stop
 
-    def selected(self, h: torch.Tensor, attention_mask: torch.Tensor | None, prompt_length: torch.Tensor | None) -> torch.Tensor:
-        """A [batch, seq] bool mask of the positions this op touches."""
-        if attention_mask is None:
-            batch = 1 if h.dim() == 2 else h.shape[0]
-            seq = h.shape[0] if h.dim() == 2 else h.shape[1]
-            pos = torch.arange(seq, device=h.device).expand(batch, seq)
-            real = torch.ones_like(pos, dtype=torch.bool)
+    def selected(
+        self,
+        h: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompt_length: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A [batch, seq] bool mask of the positions this op touches.
+
+        Absolute positions come from `position_ids` where the graph has them (the generation steps), else
+        from `cumsum(attention_mask) - 1`. Padding is read from the mask when it is aligned with h.
+        """
+        rows = next((t.shape[0] for t in (input_ids, attention_mask, position_ids, prompt_length) if t is not None), 1)
+        batch = h.shape[0] if h.dim() == 3 else rows  # OPT flattens h to [batch*seq, hidden]
+        seq = h.shape[1] if h.dim() == 3 else h.shape[0] // batch
+        if position_ids is not None:
+            pos = position_ids.expand(batch, seq)
+        elif attention_mask is not None:
+            pos = (attention_mask.to(torch.long).cumsum(-1) - 1)[:, -seq:]
         else:
-            mask = attention_mask.to(torch.long)
-            pos = (mask.cumsum(-1) - 1)[:, -(h.shape[1] if h.dim() == 3 else h.shape[0] // mask.shape[0]):]
-            real = mask[:, -pos.shape[1]:].bool()
+            pos = torch.arange(seq, device=h.device).expand(batch, seq)
+        if attention_mask is not None:
+            real = attention_mask[:, -seq:].bool()
+        else:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
         if self.kind == "last":
-            sel = torch.zeros_like(real)
-            sel[:, -1] = True
-            return sel
+            return torch.arange(seq, device=h.device).expand(batch, seq) == seq - 1
         if self.kind in ("prompt", "new"):
-            if prompt_length is None:
-                in_prompt = real
-            else:
-                in_prompt = pos < prompt_length.reshape(-1, 1)
+            in_prompt = real if prompt_length is None else pos < prompt_length.reshape(-1, 1)
             return (in_prompt if self.kind == "prompt" else ~in_prompt) & real
         start = self.start if self.start is not None else 0
         stop = start + 1 if self.kind == "index" else self.stop
@@ -48,9 +58,14 @@ class AtPositions(nn.Module):
         return sel if stop is None else sel & (pos < stop)
 
     def forward(
-        self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, prompt_length: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_length: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        sel = self.selected(h, attention_mask, prompt_length).reshape(*h.shape[:-1], 1)
+        sel = self.selected(h, attention_mask, prompt_length, position_ids, input_ids).reshape(*h.shape[:-1], 1)
         if isinstance(self.inner, Capture):  # keeps the selected positions, zeros elsewhere, full shape
             self.inner(torch.where(sel, h, torch.zeros_like(h)))
             return h
