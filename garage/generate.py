@@ -20,6 +20,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .trace import cache_kwarg
+
 EXAMPLE_PAST = 5
 
 
@@ -29,24 +31,26 @@ def _step_kwargs(model: nn.Module) -> dict:
     return {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """`cache` in recent transformers 5, `past_key_values` before it."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-class CachedStep(nn.Module):
-    """One forward step with the KV cache as flat tensors: (ids, mask, positions, prompt_length, *kv) → (logits, *kv)."""
+class _Step(nn.Module):
+    """A generation step around the model: calls it with a given cache and the fixed step kwargs."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.cache_kwarg = _cache_kwarg(model)
+        self.cache_kwarg = cache_kwarg(model)
         self.step_kwargs = _step_kwargs(model)
+
+    def run(self, input_ids, attention_mask, position_ids, cache):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          **self.step_kwargs, **{self.cache_kwarg: cache})
+
+
+class CachedStep(_Step):
+    """One forward step with the KV cache as flat tensors: (ids, mask, positions, prompt_length, *kv) → (logits, *kv)."""
 
     def forward(self, input_ids, attention_mask, position_ids, prompt_length, past: tuple[torch.Tensor, ...] = ()):
         cache = DynamicCache(list(zip(past[0::2], past[1::2]))) if past else DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         **self.step_kwargs, **{self.cache_kwarg: cache})
+        out = self.run(input_ids, attention_mask, position_ids, cache)
         new_cache = getattr(out, self.cache_kwarg, None) or out.past_key_values
         flat = [t for layer in new_cache.layers for t in (layer.keys, layer.values)]
         return (out.logits[:, -1, :], *flat)
@@ -73,21 +77,13 @@ class SlotLayer(DynamicLayer):
         return self.keys.shape[-2], 0
 
 
-class SlotStep(nn.Module):
+class SlotStep(_Step):
     """One decode step: (token, full-length mask, position, prompt_length, slot, cache buffers) → logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.cache_kwarg = _cache_kwarg(model)
-        self.step_kwargs = _step_kwargs(model)
 
     def forward(self, input_ids, attention_mask, position_ids, prompt_length, slot, past: tuple[torch.Tensor, ...]):
         cache = DynamicCache()
         cache.layers = [SlotLayer(k, v, slot) for k, v in zip(past[0::2], past[1::2])]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         **self.step_kwargs, **{self.cache_kwarg: cache})
-        return out.logits[:, -1, :]
+        return self.run(input_ids, attention_mask, position_ids, cache).logits[:, -1, :]
 
 
 def _kv_shapes(model: nn.Module, batch: int, past: int) -> list[tuple[int, ...]]:

@@ -8,6 +8,7 @@ spec on the same model reuses the graph. The user's model is left exactly as it 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import weakref
 from typing import Callable, Iterator, Mapping
@@ -101,13 +102,12 @@ class UnpaddedScoring(nn.Module):
     def forward(self, input_ids: torch.Tensor):
         from transformers import DynamicCache
 
-        out = self.model(input_ids=input_ids, use_cache=False, **{_cache_kwarg(self.model): DynamicCache()})
+        out = self.model(input_ids=input_ids, use_cache=False, **{cache_kwarg(self.model): DynamicCache()})
         return type(out)(logits=out.logits)  # the cache stays inside the graph
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    import inspect
-
+def cache_kwarg(model: nn.Module) -> str:
+    """`cache` in recent transformers 5, `past_key_values` before it."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
