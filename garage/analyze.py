@@ -13,9 +13,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .build import capture_keys
-from .compiler import SpecLike, hook, spec_and_syntax
-from .formatter import format_spec
+from . import ops
+from .archs import ModelInfo
+from .compiler import SpecLike, hook
+from .hooks import HookSet, attach
+from .resolve import sites_named
 
 
 def _inputs(inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,19 +30,14 @@ def capture(model: nn.Module, sites: str | Sequence[str], inputs, spec: SpecLike
 
     With `spec`, its ops apply first (captures at a site come after the spec's ops there).
     """
-    sites = [sites] if isinstance(sites, str) else list(sites)
-    base = format_spec(spec_and_syntax(spec)[0]) if spec != "" else ""
-    text = base + "".join(f"at {site} capture c{i}\n" for i, site in enumerate(sites))
-    hooks, prepared = hook(model, text, bind)
-    with hooks:
+    info = ModelInfo.from_model(model)
+    targets = [site for text in ([sites] if isinstance(sites, str) else sites) for site in sites_named(info, text)]
+    store: dict[str, torch.Tensor] = {}
+    recorders = [ops.Capture(store, site.label) for site in targets]
+    spec_hooks = hook(model, spec, bind)[0] if spec != "" else HookSet(model)
+    with spec_hooks, attach(model, targets, recorders):  # attached after the spec's: they see its effect
         model(**_inputs(inputs))
-    first = len(prepared.spec) - len(sites)  # the capture statements added here
-    keys = capture_keys(prepared.plan)
-    return {
-        step.site.label: prepared.captures[key]
-        for step, key in zip(prepared.plan, keys)
-        if key is not None and step.statement >= first
-    }
+    return {site.label: store[site.label] for site in targets}
 
 
 def layer_stats(h: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
@@ -88,8 +85,6 @@ def compare(model: nn.Module, spec: SpecLike, inputs, bind=None) -> list[LayerEf
 
 
 def _has_final(model: nn.Module) -> bool:
-    from .archs import ModelInfo
-
     return ModelInfo.from_model(model).final_norm is not None
 
 

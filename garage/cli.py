@@ -101,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("== without")
         print(text(plain))
         print("== how far the spec moves each layer (on the prompt)")
-        print(effect_table(compare(model, Path(args.spec), dict(inputs))))
+        print(effect_table(compare(model, injected.plan.spec, dict(inputs))))
     return EXIT_OK
 
 

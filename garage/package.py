@@ -26,6 +26,12 @@ _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidde
           "output_attentions": (False, None)}
 
 
+_EXPORTERS: dict[str, Callable[[nn.Module], GraphModule]] = {
+    "prefill": lambda model: export_step(model, decode=False),
+    "decode": lambda model: export_step(model, decode=True),
+    "unpadded": export_unpadded,
+}
+
 # Per graph kind, the dynamic dimensions of each positional input (the scoring graph takes kwargs).
 _STEP_DIMS = {
     "prefill": ((0, 1), (0, 1), (0, 1), (0,), ()),
@@ -134,9 +140,7 @@ class InjectedModel(nn.Module):
 
         These graphs wrap the model, so its modules sit under STEP_PREFIX; they share the op modules."""
         if kind not in self._runners:
-            make = (lambda: export_unpadded(self.model)) if kind == "unpadded" else \
-                (lambda: export_step(self.model, decode=kind == "decode"))
-            base = cached_graph(self.model, kind, make)
+            base = cached_graph(self.model, kind, lambda: _EXPORTERS[kind](self.model))
             # The decode step's mask covers the whole preallocated cache, so positions come from position_ids.
             inputs = (None, *POSITION_INPUTS[1:]) if kind == "decode" else POSITION_INPUTS
             try:
@@ -163,6 +167,8 @@ class InjectedModel(nn.Module):
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
         """Like `model.generate`: prompt + new token ids, decoded with a KV cache through the injected graphs."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
         if not getattr(self.model, "can_generate", lambda: False)():
             raise TypeError(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
         config = getattr(self.model, "generation_config", None)

@@ -14,8 +14,9 @@ from torch import nn
 
 from . import spec as ast
 from .archs import ModelInfo
-from .diagnostics import Diagnostic, Problem, ResolveError, Source, Span, did_you_mean, raise_if_errors
+from .diagnostics import Diagnostic, Problem, ResolveError, Source, Span, SpecError, did_you_mean, raise_if_errors
 from .formatter import format_positions, format_string
+from .parse import parse
 
 SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
 
@@ -178,6 +179,21 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
         else:
             sites.append(ConcreteSite(site.component, layer, _component_path(info, site.component, layer, site.span), site.positions))
     return sites
+
+
+def sites_named(info: ModelInfo, text: str) -> list[ConcreteSite]:
+    """The concrete sites a site written as text names: "h.6.mlp", "N-4", "h.*", "transformer.h.6",
+    or any module path (quoted for the parser when it is not valid site syntax)."""
+    try:
+        spec = parse(f"at {text} zero")
+    except SpecError:
+        spec = parse(f"at {format_string(text)} zero")
+    stmt = spec.statements[0]
+    assert isinstance(stmt, ast.At)
+    try:
+        return concrete_sites(info, stmt.site)
+    except Problem as problem:
+        raise ResolveError([problem.diagnostic(spec.source)]) from None
 
 
 # ------------------------------------------------------------------ expectations

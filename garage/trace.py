@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from transformers import DynamicCache, masking_utils
 
 Signature = tuple[tuple[str, torch.dtype], ...]
 
@@ -100,8 +101,6 @@ class UnpaddedScoring(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor):
-        from transformers import DynamicCache
-
         out = self.model(input_ids=input_ids, use_cache=False, **{cache_kwarg(self.model): DynamicCache()})
         return type(out)(logits=out.logits)  # the cache stays inside the graph
 
@@ -128,8 +127,6 @@ def causal_path_possible(model: nn.Module) -> bool:
 def _mask_skipping_allowed() -> Iterator[None]:
     """transformers never skips the mask while exporting, since a shape-specialised `is_causal` could be wrong.
     The unpadded graph is exported only for q_length == kv_length with no padding, where it is right."""
-    from transformers import masking_utils
-
     saved = masking_utils.is_torchdynamo_exporting
     masking_utils.is_torchdynamo_exporting = lambda: False
     try:

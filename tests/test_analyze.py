@@ -45,3 +45,22 @@ def test_compare_shows_where_a_spec_acts(gpt2):
     assert effects[-2].cosine < 0.999
     table = analyze.effect_table(effects)
     assert table.splitlines()[0].split() == ["site", "cosine", "L2", "change"] and "█" in table
+
+
+def test_compare_reads_files_beside_the_spec(gpt2, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    model, inputs = gpt2
+    save_file({"v": torch.randn(128)}, str(tmp_path / "steer.safetensors"))
+    (tmp_path / "s.garage").write_text('at h.3 add "steer.safetensors"\n')
+    monkeypatch.chdir(tmp_path.parent)  # the file is found beside the spec, not in the working folder
+    effects = analyze.compare(model, tmp_path / "s.garage", inputs)
+    assert next(e for e in effects if e.site == "h.3").l2 > 0
+
+
+def test_capture_names_a_bad_site_clearly(gpt2):
+    import garage
+
+    model, inputs = gpt2
+    with pytest.raises(garage.ResolveError, match="layer 40 is out of range"):
+        analyze.capture(model, "h.40", inputs)

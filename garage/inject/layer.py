@@ -16,11 +16,9 @@ from torch import nn
 
 from .. import ops
 from ..archs import ModelInfo
-from ..diagnostics import GarageError, Problem
+from ..diagnostics import GarageError
 from ..hooks import HookSet, attach
-from ..parse import parse
-from ..resolve import ConcreteSite, concrete_sites
-from ..spec import At
+from ..resolve import ConcreteSite, sites_named
 
 
 @dataclass
@@ -53,14 +51,10 @@ class LayerInjector:
         """One concrete site from a module path ("transformer.h.6"), a site ("h.6.mlp", "N-4") or a block index."""
         text = f"h.{layer}" if isinstance(layer, int) else str(layer)
         try:
-            stmt = parse(f"at {text} zero").statements[0]
-        except GarageError:
-            stmt = parse('at "' + text.replace("\\", "\\\\").replace('"', '\\"') + '" zero').statements[0]
-        assert isinstance(stmt, At)
-        try:
-            sites = concrete_sites(self.info, stmt.site)
-        except Problem as problem:
-            raise ValueError(f"cannot inject at {layer!r}: {problem.message} ({problem.hint})") from None
+            sites = sites_named(self.info, text)
+        except GarageError as err:
+            first = err.diagnostics[0]
+            raise ValueError(f"cannot inject at {layer!r}: {first.message} ({first.hint})") from None
         if len(sites) != 1:
             raise ValueError(f"{layer!r} names {len(sites)} sites; LayerInjector takes one at a time")
         return sites[0]
