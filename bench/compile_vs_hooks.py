@@ -21,6 +21,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import garage
+import garage.runtime.hooks
 
 SPEC = "at h.6 scale 0.9; at h.8[last] add steer * 2"
 
@@ -66,7 +67,7 @@ def bench_model(name: str, model: torch.nn.Module, batch: int, seq: int, device:
 
     def compiled_with_hooks():
         # Hooks must exist before torch.compile: dynamo silently ignores hooks added afterwards.
-        hooks = garage.hooks.attach(model, [s.site for s in injected.plan], list(injected.ops))
+        hooks = garage.runtime.hooks.attach(model, [s.site for s in injected.plan], list(injected.ops))
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True)
         return lambda: compiled(**inputs), hooks
@@ -74,7 +75,7 @@ def bench_model(name: str, model: torch.nn.Module, batch: int, seq: int, device:
     times = {}
     with torch.no_grad():
         times["eager"] = timed(eager, device, repeat)
-        with garage.hooks.attach(model, [s.site for s in injected.plan], list(injected.ops)):
+        with garage.runtime.hooks.attach(model, [s.site for s in injected.plan], list(injected.ops)):
             times["eager + hook"] = timed(eager, device, repeat)
         torch._dynamo.reset()
         compiled_model = torch.compile(model, fullgraph=True)

@@ -19,6 +19,7 @@ import transformers
 from compile_vs_hooks import SPEC, gpt2_124m, llama_shaped, timed
 
 import garage
+import garage.runtime.hooks
 
 
 def tokens_per_second(fn: Callable[[], torch.Tensor], new_tokens: int, batch: int, device: str, repeat: int) -> float:
@@ -46,7 +47,7 @@ def bench(name: str, model: torch.nn.Module, batch: int, args: argparse.Namespac
 
     with torch.no_grad():
         measure("model.generate", lambda: model.generate(ids, attention_mask=mask, **hf))
-        with garage.hooks.attach(model, [s.site for s in injected.plan], list(injected.ops)):
+        with garage.runtime.hooks.attach(model, [s.site for s in injected.plan], list(injected.ops)):
             measure("model.generate + hooks", lambda: model.generate(ids, attention_mask=mask, **hf))
         # HF's recipe for compiled decoding: a static cache and a compiled forward.
         eager_forward = model.forward

@@ -1,16 +1,36 @@
-"""garage: a declarative injection compiler for transformer models."""
+"""garage: a declarative injection compiler for transformer models.
 
-from .artifact import load_artifact
-from .archs import ARCHS, ArchRow, ModelInfo
+The pipeline, one subpackage a stage, each importing only the stages before it:
+
+    lang     text → Spec                  (grammar, AST, parser, formatter, diagnostics)
+    ops      the op modules               (one nn.Module a file; both backends run them)
+    plan     Spec + model → Plan → ops    (architecture table, resolver, files, op building)
+    fx       model → injected graphs      (torch.export, site location, graph rewrite)
+    check    graph checks and lints       (fake-tensor shapes, networkx, blade rules)
+    runtime  InjectedModel and hooks      (scoring, generation, torch.compile, .pt2)
+
+`compiler` (compile, hook), `analyze`, `models` and `cli` sit on top; `core` and `inject` keep the seed
+library's import paths. Private torch and transformers APIs are used only in `_compat`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .check.validate import Report, check
 from .compiler import compile, hook
-from .diagnostics import Diagnostic, GarageError, ResolveError, SpecError, ValidationError
-from .formatter import format_spec as format
+from .lang.ast import Spec
+from .lang.diagnostics import Diagnostic, GarageError, ResolveError, SpecError, ValidationError
+from .lang.formatter import format_spec as format
+from .lang.parse import load, parse
 from .ops import register
-from .package import InjectedModel
-from .parse import load, parse
-from .resolve import ConcreteSite, Plan, Step, resolve
-from .spec import Spec
-from .validate import Report, check
+from .plan.archs import ARCHS, ArchRow, ModelInfo
+from .plan.resolve import ConcreteSite, Plan, Step, resolve
+from .runtime.artifact import load_artifact
+from .runtime.injected import InjectedModel
+
+try:
+    __version__ = version("garage")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ARCHS",
@@ -27,12 +47,13 @@ __all__ = [
     "SpecError",
     "Step",
     "ValidationError",
+    "__version__",
     "check",
     "compile",
     "format",
     "hook",
-    "load_artifact",
     "load",
+    "load_artifact",
     "parse",
     "register",
     "resolve",

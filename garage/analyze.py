@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from . import ops
-from .archs import ModelInfo
+from .plan.archs import ModelInfo
 from .compiler import SpecLike, hook
-from .hooks import HookSet, attach
-from .resolve import sites_named
+from .runtime.hooks import HookSet, attach
+from .plan.resolve import sites_named
 
 
 def _inputs(inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:

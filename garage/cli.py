@@ -11,11 +11,11 @@ import torch
 
 from .analyze import compare, effect_table
 from .compiler import compile as compile_spec
-from .diagnostics import GarageError
-from .formatter import format_spec
+from .lang.diagnostics import GarageError
+from .lang.formatter import format_spec
 from .models import BUILTIN, DEFAULT_MODEL, load_model, load_model_and_tokenizer
-from .parse import load as load_spec
-from .validate import check
+from .lang.parse import load as load_spec
+from .check.validate import check
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 

@@ -1,119 +1,42 @@
 """`garage.compile` and `garage.hook`: spec + model → the injected model, by graph rewrite or by hooks.
 
-Both run the same front half (parse, resolve, build the op modules, validate), so the two backends
-share op objects, and both refuse a spec the validator finds errors in.
+Both run the same front half (parse, resolve, build the op modules: `garage.plan.prepare`), so the two
+backends share op objects, and both refuse a spec with errors. `compile` also runs the graph checks, and
+hands the injected graph they built to the InjectedModel, so it is not built twice.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Mapping, Union
+from typing import Any, Mapping
 
-import torch
 from torch import nn
 
-from . import spec as ast
-from .archs import ModelInfo
-from .build import BuildContext, build_op, capture_keys
-from .diagnostics import Diagnostic, GarageError, Problem, ResolveError, SpecError, ValidationError
-from .hooks import HookSet, attach
-from .package import InjectedModel
-from .parse import parse_collect, read_spec_file
-from .resolve import Plan, resolve_collect
-
-SpecLike = Union[ast.Spec, str, os.PathLike]
-
-
-def spec_and_syntax(spec: SpecLike) -> tuple[ast.Spec, list[Diagnostic]]:
-    """A spec and its syntax errors, keeping every statement that parsed (to report all problems at once).
-
-    `spec` is a Spec, spec text, or a path (a PathLike, or a str naming a `.garage` file)."""
-    if isinstance(spec, ast.Spec):
-        return spec, []
-    if isinstance(spec, os.PathLike):
-        return parse_collect(read_spec_file(spec), os.fspath(spec))
-    if isinstance(spec, str) and spec.endswith(".garage") and not any(c.isspace() for c in spec):
-        return spec_and_syntax(Path(spec))  # a file name is never valid spec text: read the file
-    if isinstance(spec, str):
-        return parse_collect(spec)
-    raise TypeError(f"a spec is a garage.Spec, spec text or a path, not {type(spec).__name__}")
-
-
-def spec_folder(spec: ast.Spec) -> Path | None:
-    """The folder relative file paths in a spec are read from: the spec file's own, if it is a file."""
-    path = Path(spec.filename)
-    return path.parent if path.is_file() else None
-
-
-@dataclass
-class Prepared:
-    """The front half's result: the plan, one op module per step (None where building failed), and the
-    diagnostics of each stage."""
-
-    spec: ast.Spec
-    plan: Plan
-    modules: list[nn.Module | None]
-    captures: dict[str, torch.Tensor]
-    stages: dict[type[GarageError], list[Diagnostic]] = field(default_factory=dict)
-
-    @property
-    def diagnostics(self) -> list[Diagnostic]:
-        return [d for ds in self.stages.values() for d in ds]
-
-    def raise_if_errors(self) -> None:
-        """Raise every diagnostic at once, as the error type of the earliest stage that failed."""
-        for error_type, diags in self.stages.items():
-            if any(d.is_error for d in diags):
-                raise error_type(self.diagnostics)
-
-
-def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
-    """Parse, resolve and build every statement that can be, on the model's device and dtype."""
-    spec, syntax = spec_and_syntax(spec)
-    info = ModelInfo.from_model(model)
-    plan, unresolved = resolve_collect(spec, info)
-    ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec))
-    param = next(model.parameters())
-    dtype = param.dtype if param.dtype.is_floating_point else None
-    modules: list[nn.Module | None] = []
-    unbuilt: list[Diagnostic] = []
-    failed: set[int] = set()
-    for step, key in zip(plan, capture_keys(plan)):
-        module = None
-        if step.statement not in failed:
-            try:
-                module = build_op(step, ctx, key).to(device=param.device, dtype=dtype)
-            except Problem as problem:
-                failed.add(step.statement)
-                unbuilt.append(problem.diagnostic(spec.source))
-        modules.append(module)
-    stages = {SpecError: syntax, ResolveError: unresolved, ValidationError: unbuilt}
-    return Prepared(spec, plan, modules, ctx.captures, stages)
+from .check.validate import validate
+from .plan.prepare import Prepared, SpecLike, prepare
+from .runtime.hooks import HookSet, attach
+from .runtime.injected import InjectedModel
 
 
 def compile(
     model: nn.Module,
     spec: SpecLike,
     bind: Mapping[str, object] | None = None,
-    compile: bool | dict = False,
+    compile: bool | dict[str, Any] = False,
 ) -> InjectedModel:
     """The model with the spec compiled in, as an fx graph rewrite. The model itself is never changed.
 
     The spec is checked first (see `garage.check`): errors raise, warnings are kept on `.warnings`.
+    `compile=True` (or a dict of torch.compile options) runs the injected graphs under torch.compile.
     """
-    from .validate import validate
-
     prepared = prepare(model, spec, bind)
-    report = validate(model, prepared)
-    prepared.raise_if_errors()
-    return InjectedModel(model, prepared.plan, list(prepared.modules), prepared.captures,
-                         compile=compile, warnings=report.warnings, scoring_graph=report.injected)
+    validated = validate(model, prepared)
+    modules = prepared.raise_if_errors()
+    return InjectedModel(model, prepared.plan, modules, prepared.captures, compile=compile,
+                         warnings=validated.report.warnings, scoring_graph=validated.graph)
 
 
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:
     """The hook backend: the spec applied to the eager model by forward hooks, until `.remove()`."""
     prepared = prepare(model, spec, bind)
-    prepared.raise_if_errors()
-    return attach(model, [s.site for s in prepared.plan], list(prepared.modules)), prepared
+    modules = prepared.raise_if_errors()
+    return attach(model, [s.site for s in prepared.plan], modules), prepared

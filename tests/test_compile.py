@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from zoo import tiny_model
 
 import garage
-from garage import trace
+from garage.fx import export
 
 
 def ids_and_mask(seed: int = 0, batch: int = 2, seq: int = 7):
@@ -79,8 +79,8 @@ def test_hook_backend_restores_the_model(llama):
 def test_a_second_spec_does_not_trace_again(monkeypatch):
     model = tiny_model("gpt2", seed=3)
     calls = []
-    real = trace.export_scoring
-    monkeypatch.setattr(trace, "export_scoring", lambda *a: calls.append(1) or real(*a))
+    real = export.export_scoring
+    monkeypatch.setattr(export, "export_scoring", lambda *a: calls.append(1) or real(*a))
     garage.compile(model, "at h.1 scale 0.5")
     garage.compile(model, "at h.2 zero; at h.3.mlp capture m")
     assert len(calls) == 1

@@ -3,7 +3,7 @@
 import pytest
 
 import garage
-from garage.diagnostics import Diagnostic, render
+from garage.lang.diagnostics import Diagnostic, render
 
 
 def errors(text: str) -> list[Diagnostic]:

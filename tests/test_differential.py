@@ -12,7 +12,7 @@ from torch import nn
 from zoo import ARCH_NAMES, tiny_model
 
 import garage
-from garage.hooks import attach
+from garage.runtime.hooks import attach
 
 HIDDEN = 64
 
@@ -75,7 +75,8 @@ def bindings(seed: int = 0) -> dict:
 
 def sites_for(model: nn.Module) -> list[str]:
     info = garage.ModelInfo.from_model(model)
-    sites = ["h.1", "h.2.in", "h.1.attn", "h.2.mlp", "embed", f'"{info.embed}"', "h.-1[last]", "h.1[1:4]"]
+    embeddings = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
+    sites = ["h.1", "h.2.in", "h.1.attn", "h.2.mlp", "embed", f'"{embeddings}"', "h.-1[last]", "h.1[1:4]"]
     if info.final_norm:
         sites.append("final")
     return sites
@@ -196,7 +197,7 @@ def test_unpadded_batches_take_the_causal_path_and_agree(arch):
             hook_out = logits(model(**inputs))
     assert_close(graph_out, hook_out)
     if "unpadded" in inj._runners:
-        sdpa = [n for n in inj._graphs["unpadded"].graph.nodes if "scaled_dot_product" in str(n.target)]
+        sdpa = [n for n in inj._graphs["unpadded"].graph_module.graph.nodes if "scaled_dot_product" in str(n.target)]
         assert sdpa and all(n.args[3] is None and n.args[5] is True for n in sdpa)  # no mask, is_causal
     else:
         assert name in ("qwen2", "mistral", "gemma2", "gemma3", "bert")  # sliding windows, eager, encoder

@@ -12,7 +12,7 @@ import torch
 from zoo import ARCH_NAMES, tiny_model
 
 import garage
-from garage.hooks import attach
+from garage.runtime.hooks import attach
 
 DECODERS = [name for name in ARCH_NAMES if name != "bert"]
 SPEC = (

@@ -1,9 +1,9 @@
-"""Golden tests: every construct of LANGUAGE.md parses to the AST it means."""
+"""Golden tests: every construct of docs/language.md parses to the AST it means."""
 
 import pytest
 
 import garage
-from garage import spec as ast
+from garage.lang import ast
 
 
 def one(text: str) -> ast.Statement:
@@ -179,5 +179,5 @@ def test_load_missing_file_is_a_spec_error(tmp_path):
 def test_grammar_ships_inside_the_package():
     from importlib import resources
 
-    grammar = resources.files("garage").joinpath("grammar", "garage.lark").read_text(encoding="utf-8")
+    grammar = resources.files("garage.lang").joinpath("grammar", "garage.lark").read_text(encoding="utf-8")
     assert "at_stmt" in grammar

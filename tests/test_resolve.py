@@ -4,7 +4,7 @@ import pytest
 from zoo import ARCH_NAMES, tiny_model
 
 import garage
-from garage.archs import ARCHS
+from garage.plan.archs import ARCHS
 
 
 def resolved(model, text: str) -> list[tuple[str, int | None, str]]:
@@ -113,9 +113,7 @@ def test_unknown_model_type_falls_back_to_discovery():
     model.config.model_type = "mystery"
     info = garage.ModelInfo.from_model(model)
     assert "mystery" not in ARCHS and not info.from_table
-    assert (info.blocks, info.attn, info.mlp, info.final_norm, info.embed) == (
-        "model.layers", "self_attn", "mlp", "model.norm", "model.embed_tokens"
-    )
+    assert (info.blocks, info.attn, info.mlp, info.final_norm) == ("model.layers", "self_attn", "mlp", "model.norm")
 
 
 # ------------------------------------------------------------------ errors

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..archs import ModelInfo
+from ..plan.archs import ModelInfo
 from ..models import load_model_and_tokenizer
 
 

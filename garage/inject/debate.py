@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..archs import ModelInfo
-from ..hooks import HookSet, attach
-from ..resolve import ConcreteSite
+from ..plan.archs import ModelInfo
+from ..runtime.hooks import HookSet, attach
+from ..plan.resolve import ConcreteSite
 
 HISTORY = 64  # statistics of the last calls kept for get_debate_info()
 
@@ -61,9 +61,8 @@ class SelfDebate:
         self.divergence_method = divergence_method
         self.reconciliation_method = reconciliation_method
         self.divergence_strength = divergence_strength
-        param = next(model.parameters())
         self.chamber = ops.Debate(self.info.hidden_size, reconciliation_method, divergence_method, divergence_strength)
-        self.chamber.to(device=param.device, dtype=param.dtype)
+        ops.place(self.chamber, model)
         self._history: deque = deque(maxlen=HISTORY)
         self._hooks: HookSet | None = None
         self.site = ConcreteSite("out", self.layer_idx, self.info.block(self.layer_idx))

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..archs import ModelInfo
-from ..diagnostics import GarageError
-from ..hooks import HookSet, attach
-from ..resolve import ConcreteSite, sites_named
+from ..plan.archs import ModelInfo
+from ..lang.diagnostics import GarageError
+from ..runtime.hooks import HookSet, attach
+from ..plan.resolve import ConcreteSite, sites_named
 
 
 @dataclass
@@ -64,8 +64,7 @@ class LayerInjector:
              bound: Any = None) -> str:
         """Hook `module` in at the layer. `op_text` may name `{ident}`, bound to `bound` in to_spec()."""
         site = self.site(layer)
-        param = next(self.model.parameters())
-        module.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
+        ops.place(module, self.model)
         name = self._unique(name or f"{kind}_{site.label}")
         ident = _identifier(name)
         bind = {ident: bound} if bound is not None else {}

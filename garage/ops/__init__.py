@@ -1,8 +1,12 @@
-"""The ops: each an nn.Module mapping [batch, seq, hidden] to the same shape, used by both backends."""
+"""The ops: each an nn.Module mapping [batch, seq, hidden] to the same shape, used by both backends.
+
+One file per op, its docstring giving its formula. Ops know nothing of specs, plans or graphs.
+May import: torch and garage._compat only.
+"""
 
 from .ablate import Ablate
 from .add import Add
-from .base import Op
+from .base import Op, place
 from .blade import Blade, ModuleSource, TensorSource
 from .capture import Capture
 from .clamp import Clamp
@@ -15,5 +19,5 @@ from .zero import Zero
 
 __all__ = [
     "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "ModuleSource", "Noise", "Op",
-    "REGISTRY", "Scale", "TensorSource", "Zero", "chamber", "register",
+    "REGISTRY", "Scale", "TensorSource", "Zero", "chamber", "place", "register",
 ]

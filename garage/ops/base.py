@@ -19,3 +19,10 @@ class Op(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{name}={buf.item():g}" for name, buf in self.named_buffers(recurse=False) if buf.dim() == 0]
         return ", ".join(parts)
+
+
+def place(module: nn.Module, model: nn.Module) -> nn.Module:
+    """Move an op module onto the model's device, and to its dtype when the model is floating point, so
+    that injected ops compute in the model's own precision."""
+    param = next(model.parameters())
+    return module.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)

@@ -6,17 +6,7 @@ import torch
 from torch import nn
 
 from .base import Op
-
-
-class NoiseModule(Op):
-    """The seed's ActivationNoise: h + std·ε in training mode, h in eval mode."""
-
-    def __init__(self, std: float = 0.01) -> None:
-        super().__init__()
-        self.scalar("std", std)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.std * torch.randn_like(h) if self.training else h
+from .noise import Noise
 
 
 class Identity(Op):
@@ -38,7 +28,7 @@ class LayerNormModule(Op):
 
 
 REGISTRY: dict[str, type[nn.Module]] = {
-    "noise": NoiseModule,
+    "noise": Noise,  # `module noise(std=0.02)`: the seed's ActivationNoise
     "identity": Identity,
     "layernorm": LayerNormModule,
 }

@@ -6,9 +6,11 @@ from .base import Op
 
 
 class Noise(Op):
-    """h ← h + STD·ε, ε ~ N(0, 1), drawn from torch's generator: in training mode only, unless `always`."""
+    """h ← h + STD·ε, ε ~ N(0, 1), drawn from torch's generator: in training mode only, unless `always`.
 
-    def __init__(self, std: float, always: bool = False) -> None:
+    It is also the built-in `module noise(std=…)`, the seed library's ActivationNoise."""
+
+    def __init__(self, std: float = 0.01, always: bool = False) -> None:
         super().__init__()
         self.scalar("std", std)
         self.always = always

@@ -9,15 +9,16 @@ from typing import Iterator
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from . import spec as ast
+from . import ast
 from .diagnostics import Diagnostic, Problem, Source, Span, SpecError, did_you_mean, raise_if_errors
+from .formatter import format_string
 from .to_ast import Chunk, ToAst
 
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     return Lark.open_from_package(
-        "garage", "garage.lark", ("grammar",), parser="lalr", propagate_positions=True, maybe_placeholders=False
+        "garage.lang", "garage.lark", ("grammar",), parser="lalr", propagate_positions=True, maybe_placeholders=False
     )
 
 
@@ -156,6 +157,18 @@ def parse(text: str, filename: str | os.PathLike | None = None) -> ast.Spec:
     spec, diagnostics = parse_collect(text, filename)
     raise_if_errors(diagnostics, SpecError)
     return spec
+
+
+def parse_site(text: str) -> tuple[ast.Site, Source]:
+    """A site written alone ("h.6.mlp", "N-4", "h.*", "transformer.h.6"), or any module path, which is
+    quoted for the parser when it is not valid site syntax. Raises SpecError if it is neither."""
+    try:
+        spec = parse(f"at {text} zero")
+    except SpecError:
+        spec = parse(f"at {format_string(text)} zero")
+    statement = spec.statements[0]
+    assert isinstance(statement, ast.At)
+    return statement.site, spec.source
 
 
 def read_spec_file(path: str | os.PathLike) -> str:

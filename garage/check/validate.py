@@ -1,34 +1,33 @@
 """`garage.check`: every problem in a spec, found before any real tensor is computed, reported at once.
 
 Static checks (syntax, sites, expectations, bindings, files, the Same-Dimension rule, dtypes) happen while
-the plan is resolved and its ops are built. Here come the checks that need the traced graph: user modules
-run on fake tensors, the rewritten graph is checked with networkx, and the lints add their warnings.
+the plan is resolved and its ops are built (`garage.plan.prepare`). Here come the checks that need the
+traced graph: user modules run on fake tensors, the rewritten graph is checked with networkx, and the
+lints add their warnings. `validate` also returns the injected graph it checked, so that `compile` does
+not build it twice; the public `Report` carries diagnostics only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from torch import nn
-from torch.fx import GraphModule
 
-from .compiler import Prepared, SpecLike, prepare
-from .diagnostics import Diagnostic, Problem, ValidationError, render
+from ..fx.export import SCORING, base_graph
+from ..fx.locate import HiddenShape, SiteNotFound
+from ..fx.rewrite import Rewritten, inject, site_location
+from ..lang.diagnostics import Diagnostic, Problem, ValidationError, render
+from ..plan.prepare import Prepared, SpecLike, prepare
 from .lints import Finding, blade_findings, dead_op_findings, dedupe, graph_findings
-from .locate import HiddenShape, SiteNotFound
-from .rewrite import Inserted, inject, site_location
 from .shapes import check_module, user_module
-from .trace import SCORING, base_graph
 
 
-
-@dataclass
+@dataclass(frozen=True)
 class Report:
     """The outcome of a check: `.errors`, `.warnings`, and a `str()` that renders them all."""
 
     diagnostics: list[Diagnostic]
-    injected: tuple[GraphModule, list[Inserted]] | None = field(default=None, repr=False)  # the checked graph
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -46,12 +45,20 @@ class Report:
         return render(self.diagnostics)
 
 
+@dataclass(frozen=True)
+class Validated:
+    """What validation found, and the injected scoring graph it checked (None when it could not build one)."""
+
+    report: Report
+    graph: Rewritten | None
+
+
 def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
     severity = "warning" if finding.rule else "error"
     return prepared.spec.source.diagnostic(finding.step.span, finding.message, finding.hint, severity, finding.rule)
 
 
-def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic], tuple | None]:
+def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic], Rewritten | None]:
     """Shape checks of user modules on fake values, then networkx checks of the rewritten graph (returned too)."""
     plan, source = prepared.plan, prepared.spec.source
     try:
@@ -76,22 +83,24 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic
             check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span)
         except Problem as problem:
             out.append(problem.diagnostic(source))
-    if out or any(m is None for m in prepared.modules):
+    modules = [m for m in prepared.modules if m is not None]
+    if out or len(modules) != len(prepared.modules):
         return out, None
-    gm, inserted = inject(base, [s.site for s in plan], list(prepared.modules), hidden)
-    findings = graph_findings(gm, plan, {x.index: x.node for x in inserted})
-    return out + [_diagnostic(prepared, f) for f in dedupe(findings)], (gm, inserted)
+    rewritten = inject(base, [s.site for s in plan], modules, hidden)
+    findings = graph_findings(rewritten.graph_module, plan, {x.index: x.node for x in rewritten.inserted})
+    return out + [_diagnostic(prepared, f) for f in dedupe(findings)], rewritten
 
 
-def validate(model: nn.Module, prepared: Prepared) -> Report:
-    """Add the graph checks and lints to what preparing found; return every diagnostic."""
-    found, injected = _graph_checks(model, prepared) if prepared.plan.steps else ([], None)
+def validate(model: nn.Module, prepared: Prepared) -> Validated:
+    """Add the graph checks and lints to what preparing found; every diagnostic, and the checked graph."""
+    found, graph = _graph_checks(model, prepared) if prepared.plan.steps else ([], None)
     lints = dedupe(iter([*dead_op_findings(prepared.plan), *blade_findings(prepared.plan, prepared.modules)]))
     found += [_diagnostic(prepared, f) for f in lints]
     prepared.stages.setdefault(ValidationError, []).extend(found)
-    return Report(sorted(prepared.diagnostics, key=lambda d: (d.line, d.column, not d.is_error)), injected)
+    diagnostics = sorted(prepared.diagnostics, key=lambda d: (d.line, d.column, not d.is_error))
+    return Validated(Report(diagnostics), graph)
 
 
 def check(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Report:
     """Every error and warning in `spec` against `model`, without running the model on real data."""
-    return validate(model, prepare(model, spec, bind))
+    return validate(model, prepare(model, spec, bind)).report

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import singledispatch
 
-from . import spec as ast
+from . import ast
 
 
 def format_number(x: float) -> str:

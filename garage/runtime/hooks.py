@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .ops import AtPositions
-from .resolve import ConcreteSite
+from ..ops import AtPositions
+from ..plan.resolve import ConcreteSite
 
 
 @dataclass

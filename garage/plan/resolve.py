@@ -12,11 +12,11 @@ from typing import Iterator
 
 from torch import nn
 
-from . import spec as ast
+from ..lang import ast
 from .archs import ModelInfo
-from .diagnostics import Diagnostic, Problem, ResolveError, Source, Span, SpecError, did_you_mean, raise_if_errors
-from .formatter import format_positions, format_string
-from .parse import parse
+from ..lang.diagnostics import Diagnostic, Problem, ResolveError, Source, Span, SpecError, did_you_mean, raise_if_errors
+from ..lang.formatter import format_positions, format_string
+from ..lang.parse import parse_site
 
 SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
 
@@ -117,7 +117,7 @@ def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
     return info.block(layer) + (f".{rel}" if rel else "")
 
 
-_ARCH_HINT = "name the module by its quoted path, or add a row for this model_type to garage.archs.ARCHS"
+_ARCH_HINT = "name the module by its quoted path, or add a row for this model_type to garage.ARCHS"
 
 
 def _classify(info: ModelInfo, path: str, positions: ast.Positions | None) -> ConcreteSite:
@@ -184,16 +184,11 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
 def sites_named(info: ModelInfo, text: str) -> list[ConcreteSite]:
     """The concrete sites a site written as text names: "h.6.mlp", "N-4", "h.*", "transformer.h.6",
     or any module path (quoted for the parser when it is not valid site syntax)."""
+    site, source = parse_site(text)
     try:
-        spec = parse(f"at {text} zero")
-    except SpecError:
-        spec = parse(f"at {format_string(text)} zero")
-    stmt = spec.statements[0]
-    assert isinstance(stmt, ast.At)
-    try:
-        return concrete_sites(info, stmt.site)
+        return concrete_sites(info, site)
     except Problem as problem:
-        raise ResolveError([problem.diagnostic(spec.source)]) from None
+        raise ResolveError([problem.diagnostic(source)]) from None
 
 
 # ------------------------------------------------------------------ expectations

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import ops
-from .diagnostics import Problem
-from .locate import HiddenShape
+from .. import ops
+from .._compat import fake_mode_of, statically_known_true
+from ..fx.locate import HiddenShape
+from ..lang.diagnostics import Problem, Span
 
 
 def user_module(module: nn.Module) -> tuple[nn.Module, str] | None:
@@ -34,22 +33,19 @@ def _same(a: torch.Size, b: torch.Size) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
-def check_module(module: nn.Module, role: str, value: torch.Tensor, names: HiddenShape, span) -> None:
+def check_module(module: nn.Module, role: str, value: torch.Tensor, names: HiddenShape, span: Span) -> None:
     """Run `module` on the fake `value`; raise Problem if its output cannot replace (or, for a blade, add to) it."""
     what = f"{'blade source module' if role == 'blade' else 'module'} {type(module).__name__}"
-    mode = detect_fake_mode([value])
-    if mode is None:
-        return
-    previous = mode.allow_non_fake_inputs
-    mode.allow_non_fake_inputs = True
-    try:
-        with mode, torch.no_grad():
-            out = module(value)
-    except Exception as err:  # user code: any failure is the user's to see, with the statement it came from
-        raise Problem(span, f"{what} fails on a {describe(value.shape, names)} input: "
-                      f"{type(err).__name__}: {err}".rstrip(), "make it map [batch, seq, hidden] to the same shape") from None
-    finally:
-        mode.allow_non_fake_inputs = previous
+    with fake_mode_of(value) as mode:
+        if mode is None:  # a real tensor: nothing was traced, nothing to check
+            return
+        try:
+            with torch.no_grad():
+                out = module(value)
+        except Exception as err:  # user code: any failure is the user's to see, with the statement it came from
+            raise Problem(span, f"{what} fails on a {describe(value.shape, names)} input: "
+                          f"{type(err).__name__}: {err}".rstrip(),
+                          "make it map [batch, seq, hidden] to the same shape") from None
     expected = describe(value.shape, names)
     if not isinstance(out, torch.Tensor):
         raise Problem(span, f"{what} returns a {type(out).__name__}, not a tensor",

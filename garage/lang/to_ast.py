@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
-from lark import Token, Transformer, Tree, v_args
+from lark import Token, Transformer, v_args
 
-from . import spec as ast
+from . import ast
 from .diagnostics import Problem, Span
 
 
@@ -23,13 +24,9 @@ class Chunk:
     column: int
 
 
-def _span_of(node: Tree | Token, chunk: Chunk) -> Span:
-    """The node's span in file coordinates (lark counts from the start of the chunk)."""
-    if isinstance(node, Token):
-        line, col, end_col = node.line, node.column, node.end_column
-    else:
-        line, col, end_col = node.meta.line, node.meta.column, node.meta.end_column
-    return Span(chunk.line + line - 1, chunk.column + col - 1, chunk.column + end_col - 1)
+def _file_span(chunk: Chunk, line: int, column: int, end_column: int) -> Span:
+    """A lark position (counted from the start of the statement's chunk) in file coordinates."""
+    return Span(chunk.line + line - 1, chunk.column + column - 1, chunk.column + end_column - 1)
 
 
 def _unquote(token: Token) -> str:
@@ -63,15 +60,11 @@ class ToAst(Transformer):
         super().__init__()
         self.chunk = chunk
 
-    def _span(self, meta) -> Span:
-        return Span(
-            self.chunk.line + meta.line - 1,
-            self.chunk.column + meta.column - 1,
-            self.chunk.column + meta.end_column - 1,
-        )
+    def _span(self, meta: Any) -> Span:
+        return _file_span(self.chunk, meta.line, meta.column, meta.end_column)
 
     def _tok(self, tok: Token) -> Span:
-        return _span_of(tok, self.chunk)
+        return _file_span(self.chunk, tok.line, tok.column, tok.end_column)
 
     # numbers ---------------------------------------------------------
     def number(self, meta, children):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import zipfile
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .trace import EXAMPLE_BATCH, EXAMPLE_SEQ
+from .._compat import aoti_compile_and_package, aoti_load_package
+from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ
 
 
 class LogitsOnly(nn.Module):
@@ -38,16 +40,14 @@ def export_program(graph_module: nn.Module, vocab: int, device: torch.device) ->
                                    dynamic_shapes={"input_ids": dims, "attention_mask": dims}, strict=False)
 
 
-def save(program: torch.export.ExportedProgram, path: str | os.PathLike) -> str:
+def save(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> str:
     torch.export.save(program, os.fspath(path))
     return os.fspath(path)
 
 
-def package(program: torch.export.ExportedProgram, path: str | os.PathLike) -> str:
+def package(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> str:
     """An AOTInductor-compiled package of the program (needs a C++ compiler; takes tens of seconds)."""
-    from torch._inductor import aoti_compile_and_package
-
-    return aoti_compile_and_package(program, package_path=os.fspath(path))
+    return aoti_compile_and_package(program, os.fspath(path))
 
 
 def is_aoti_package(path: str) -> bool:
@@ -55,11 +55,9 @@ def is_aoti_package(path: str) -> bool:
         return any("/aotinductor/" in name for name in archive.namelist())
 
 
-def load_artifact(path: str | os.PathLike):
+def load_artifact(path: str | os.PathLike[str]) -> Callable[..., Any]:
     """A callable `(input_ids=…, attention_mask=…) → logits` from a file written by `save` or `package`."""
     path = os.fspath(path)
     if is_aoti_package(path):
-        from torch._inductor import aoti_load_package
-
         return aoti_load_package(path)
     return torch.export.load(path).module()

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
+from .._compat import copy_graph, graph_module_like
+from ..ops import AtPositions
+from ..plan.resolve import ConcreteSite
 from .locate import HiddenShape, locate
-from .ops import AtPositions
-from .resolve import ConcreteSite
-from .trace import copy_graph, graph_module
 
 OP_PREFIX = "garage_op_"
 
@@ -53,7 +53,30 @@ class Inserted:
     node: str
 
 
+class Rewritten(NamedTuple):
+    """An injected graph, and where each op went."""
+
+    graph_module: GraphModule
+    inserted: list[Inserted]
+
+
 POSITION_INPUTS = ("attention_mask", "prompt_length", "position_ids", "input_ids")
+
+
+def _attr(root: nn.Module, target: str) -> object:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def graph_module(base: GraphModule, graph: Graph, extra: dict[str, nn.Module]) -> GraphModule:
+    """A GraphModule running `graph`, with the base's parameters (shared, not copied) and `extra` submodules."""
+    owners: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = str(node.target)
+            owners[target] = extra[target] if target in extra else _attr(base, target)
+    return graph_module_like(base, owners, graph)
 
 
 def inject(
@@ -63,7 +86,7 @@ def inject(
     hidden: int,
     prefix: str = "",
     position_inputs: Sequence[str | None] = POSITION_INPUTS,
-) -> tuple[GraphModule, list[Inserted]]:
+) -> Rewritten:
     """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed.
 
     Position-limited ops also receive the graph inputs named in `position_inputs` (None, or a name the
@@ -101,7 +124,7 @@ def inject(
             user.replace_input_with(current, value)
             seen[(loc.node, user.name)] = value
     graph.lint()
-    return graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index)
+    return Rewritten(graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index))
 
 
-__all__ = ["POSITION_INPUTS", "Inserted", "Location", "inject", "site_location"]
+__all__ = ["POSITION_INPUTS", "Inserted", "Location", "Rewritten", "inject", "site_location"]

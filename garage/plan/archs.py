@@ -1,4 +1,4 @@
-"""Per-architecture knowledge as data: where the blocks, attention, MLP, final norm and embeddings live.
+"""Per-architecture knowledge as data: where the blocks, attention, MLP and final norm live.
 
 Paths in the table are relative to the base model (`transformer.` or `model.` is found at run time, so one
 row serves GPT2Model and GPT2LMHeadModel alike). A model_type missing from the table falls back to
@@ -18,15 +18,14 @@ class ArchRow:
     attn: str | None  # inside a block: the module whose output is attention before its residual add
     mlp: str | None  # inside a block: the MLP (or MoE) before its residual add
     final_norm: str | None  # relative to the base model
-    embed: str | None  # the token embedding module, relative to the base model
 
 
-_LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm", "embed_tokens")
-_GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm", "embed_tokens")
+_LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm")
+_GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm")
 
 ARCHS: dict[str, ArchRow] = {
-    "gpt2": ArchRow("h", "attn", "mlp", "ln_f", "wte"),
-    "gptj": ArchRow("h", "attn", "mlp", "ln_f", "wte"),
+    "gpt2": ArchRow("h", "attn", "mlp", "ln_f"),
+    "gptj": ArchRow("h", "attn", "mlp", "ln_f"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -40,18 +39,17 @@ ARCHS: dict[str, ArchRow] = {
     "mixtral": _LLAMA_LIKE,
     "qwen2_moe": _LLAMA_LIKE,
     "qwen3_moe": _LLAMA_LIKE,
-    "gpt_neox": ArchRow("layers", "attention", "mlp", "final_layer_norm", "embed_in"),
+    "gpt_neox": ArchRow("layers", "attention", "mlp", "final_layer_norm"),
     # OPT has no MLP module: fc2's output (flat [batch*seq, hidden]) is the MLP before its residual add.
-    "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm", "decoder.embed_tokens"),
+    "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm"),
     # BERT's `attention` and `output` modules already contain residual + LayerNorm; their dense layers do not.
-    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None, "embeddings.word_embeddings"),
+    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None),
 }
 
 # Used by discovery, in order of preference.
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 _FINAL_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
-_EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,6 @@ class ModelInfo:
     attn: str | None  # relative to a block, e.g. "attn"
     mlp: str | None
     final_norm: str | None  # full path, e.g. "transformer.ln_f"
-    embed: str | None  # full path
     module_names: frozenset[str]
     from_table: bool = True
 
@@ -108,7 +105,6 @@ class ModelInfo:
             attn=inside(row.attn),
             mlp=inside(row.mlp),
             final_norm=full(row.final_norm),
-            embed=full(row.embed),
             module_names=frozenset(modules),
             from_table=model_type in ARCHS,
         )
@@ -126,7 +122,7 @@ def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | N
     found = ", ".join(lists) or "none"
     raise TypeError(
         f"cannot tell where this model's {num_layers} blocks are (ModuleLists of that length: {found}); "
-        "add a row for its model_type to garage.archs.ARCHS"
+        "add a row for its model_type to garage.ARCHS"
     )
 
 
@@ -145,5 +141,4 @@ def _discover(modules: dict[str, nn.Module], blocks: str) -> ArchRow:
         first(_ATTN_NAMES, child_names),
         first(_MLP_NAMES, child_names),
         first(_FINAL_NAMES, top),
-        first(_EMBED_NAMES, top),
     )

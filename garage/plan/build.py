@@ -9,9 +9,9 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from . import ops
-from . import spec as ast
-from .diagnostics import Problem, did_you_mean
+from .. import ops
+from ..lang import ast
+from ..lang.diagnostics import Problem, did_you_mean
 from .files import FileProblem, LoadedTensor, load_tensor
 from .resolve import Plan, Step
 

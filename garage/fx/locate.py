@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from .resolve import ConcreteSite
+from ..plan.resolve import ConcreteSite
 
 
 class SiteNotFound(Exception):

@@ -1,0 +1,215 @@
+"""Every use of a private (underscored or undocumented) torch or transformers API, in one place.
+
+garage leans on a few internals that have no public equivalent. Each is wrapped here with the versions it
+was checked on and what breaks if it changes, so that a new torch or transformers release means reading
+one file. Checked on torch 2.13.0 and transformers 5.24.0 (the versions pyproject.toml admits). The test
+suite exercises every function below; a change in any of them fails it.
+
+May import: torch and transformers only (no garage module), so that every stage can import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from transformers import DynamicCache, masking_utils
+from transformers.cache_utils import DynamicLayer
+
+# ------------------------------------------------------------------ torch.fx
+def materialize(gm: GraphModule) -> None:
+    """Generate a lazily built GraphModule's code now: dynamo does not trace a lazy `forward`.
+
+    `real_recompile` is _LazyGraphModule's (checked on torch 2.13); a plain GraphModule lacks it and is
+    already materialised."""
+    if hasattr(gm, "real_recompile"):
+        gm.real_recompile()
+
+
+def copy_graph(base: GraphModule) -> torch.fx.Graph:
+    """An independent copy of the base graph, keeping the exported module's calling convention.
+
+    `Graph._codegen` (checked on torch 2.13) holds the pytree codegen that lets an exported module take
+    keyword inputs and return a ModelOutput. If it changes, injected graphs take flat positional inputs
+    and return flat tuples, which the scoring and step runners would reject at the first call."""
+    graph = torch.fx.Graph()
+    graph._codegen = base.graph._codegen
+    graph.output(graph.graph_copy(base.graph, {}))
+    return graph
+
+
+def graph_module_like(base: GraphModule, owners: dict[str, Any], graph: torch.fx.Graph) -> GraphModule:
+    """A GraphModule running `graph` over `owners` (its submodules and tensors), which calls and returns
+    like `base` and generates its Python code on first call (so re-compiling a spec costs no codegen).
+
+    `torch.fx._lazy_graph_module._LazyGraphModule` (torch >= 2.3), and the `_in_spec` / `_out_spec`
+    pytree specs that an exported module carries (checked on torch 2.13). If the lazy class moves,
+    `import garage` fails here; if the specs are renamed, injected graphs take and return flat tuples,
+    and every differential test fails."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    gm = _LazyGraphModule(owners, graph, class_name=type(base).__name__)
+    for attr in ("_in_spec", "_out_spec", "meta"):
+        if hasattr(base, attr):
+            setattr(gm, attr, getattr(base, attr))
+    return gm
+
+
+def statically_known_true(condition: Any) -> bool:
+    """Whether a symbolic shape condition holds for every size (torch.fx.experimental.symbolic_shapes,
+    an experimental namespace; checked on torch 2.13). If it goes, shape checks fail at import."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+
+    return bool(known(condition))
+
+
+@contextlib.contextmanager
+def fake_mode_of(value: torch.Tensor) -> Iterator[Any]:
+    """The fake mode a traced value lives in (None for a real tensor), entered, with real tensors allowed
+    in it, so that user modules with real parameters can run on the fake value.
+
+    `torch._guards.detect_fake_mode` and `FakeTensorMode.allow_non_fake_inputs` (checked on torch 2.13).
+    If they change, shape checks of user modules fail with an error from torch instead of a diagnostic."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([value])
+    if mode is None:
+        yield None
+        return
+    previous = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        with mode:
+            yield mode
+    finally:
+        mode.allow_non_fake_inputs = previous
+
+
+# ------------------------------------------------------------------ torch.compile
+@contextlib.contextmanager
+def size_oblivious() -> Iterator[None]:
+    """Treat size-1 dimensions as symbolic while running compiled graphs, so batch 1 never recompiles.
+
+    `torch.fx.experimental._config.backed_size_oblivious` (checked on torch 2.13). If the flag is
+    renamed, `patch` raises at the first compiled call."""
+    from torch.fx.experimental import _config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Mark a dimension dynamic for torch.compile from the first call (`torch._dynamo.maybe_mark_dynamic`,
+    documented but in a private namespace; checked on torch 2.13). Without it, new sizes recompile."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def aoti_compile_and_package(program: torch.export.ExportedProgram, path: str) -> str:
+    """AOTInductor's packager (`torch._inductor`, documented there; checked on torch 2.13)."""
+    from torch._inductor import aoti_compile_and_package as package
+
+    return str(package(program, package_path=path))
+
+
+def aoti_load_package(path: str) -> Callable[..., Any]:
+    """AOTInductor's loader (`torch._inductor`, documented there; checked on torch 2.13)."""
+    from torch._inductor import aoti_load_package as load
+
+    return load(path)
+
+
+# ------------------------------------------------------------------ nn.Module
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def without_hooks(model: nn.Module) -> Iterator[None]:
+    """Hooks on the model (a LayerInjector's, say) are set aside, then put back exactly.
+
+    nn.Module keeps hooks in these private dicts (checked on torch 2.13). If one is renamed, its hooks
+    would run inside a traced graph and be baked into it; the test that traces a hooked model fails."""
+    stash = []
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks:
+                stash.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, saved in stash:
+            hooks.update(saved)
+
+
+# ------------------------------------------------------------------ transformers
+def attn_implementation(config: Any) -> str | None:
+    """The attention kernel a model runs ("sdpa", "eager", …): `config._attn_implementation`, which
+    transformers reads itself (checked on 5.24). If it goes, the unpadded fast path is never taken."""
+    return getattr(config, "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def mask_skipping_allowed() -> Iterator[None]:
+    """Let transformers skip the attention mask while exporting, so SDPA runs with `is_causal=True`.
+
+    transformers never skips it under export, since a shape-specialised `is_causal` could be wrong; the
+    unpadded graph is exported only for q_length == kv_length without padding, where it is right. Patches
+    `masking_utils.is_torchdynamo_exporting` (checked on 5.24). If the name goes, the patch silently does
+    nothing and the unpadded graph keeps an explicit mask: still correct, only slower."""
+    saved = masking_utils.is_torchdynamo_exporting
+    masking_utils.is_torchdynamo_exporting = lambda: False
+    try:
+        yield
+    finally:
+        masking_utils.is_torchdynamo_exporting = saved
+
+
+def cache_from_flat(past: Sequence[torch.Tensor]) -> DynamicCache:
+    """A DynamicCache from flat (k0, v0, k1, v1, …) tensors, by transformers 5's list-of-pairs constructor
+    (checked on 5.24). If it changes, the prefill graph fails to export, and generation tests fail."""
+    return DynamicCache(list(zip(past[0::2], past[1::2]))) if past else DynamicCache()
+
+
+def flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
+    """(k0, v0, k1, v1, …) of a DynamicCache: `cache.layers[i].keys / .values` (checked on 5.24)."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+class SlotLayer(DynamicLayer):
+    """A preallocated cache layer, written in place at `slot` (a 1-element tensor) instead of grown.
+
+    Overrides DynamicLayer's `update`, `get_seq_length` and `get_mask_sizes` and sets its `keys`,
+    `values`, `is_initialized`, `dtype` and `device` fields (checked on transformers 5.24). If the layer
+    protocol changes, the decode graph fails to export, and generation tests fail."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.slot = keys, values, slot
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.index_copy_(2, self.slot, key_states)
+        self.values.index_copy_(2, self.slot, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> torch.Tensor:  # type: ignore[override]  # the mask functions take a tensor
+        return self.slot[0]
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
+def slot_cache(past: Sequence[torch.Tensor], slot: torch.Tensor) -> DynamicCache:
+    """A cache over preallocated (k0, v0, k1, v1, …) buffers, written in place at `slot`, made by setting
+    `DynamicCache.layers` (checked on transformers 5.24). If that attribute goes, the decode graph fails
+    to export, and generation tests fail."""
+    cache = DynamicCache()
+    cache.layers = [SlotLayer(k, v, slot) for k, v in zip(past[0::2], past[1::2])]
+    return cache

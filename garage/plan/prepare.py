@@ -1,0 +1,93 @@
+"""The front half of every backend: spec text or file → Spec → Plan → one op module per step.
+
+Every problem found on the way is kept, stage by stage, so that `check` can report them all at once and
+`compile` can raise them as the error type of the earliest stage that failed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+from torch import nn
+
+from ..lang import ast
+from ..lang.diagnostics import Diagnostic, GarageError, Problem, ResolveError, SpecError, ValidationError
+from ..lang.parse import parse_collect, read_spec_file
+from ..ops import place
+from .archs import ModelInfo
+from .build import BuildContext, build_op, capture_keys
+from .resolve import Plan, resolve_collect
+
+SpecLike = Union[ast.Spec, str, "os.PathLike[str]"]
+
+
+def spec_and_syntax(spec: SpecLike) -> tuple[ast.Spec, list[Diagnostic]]:
+    """A spec and its syntax errors, keeping every statement that parsed (to report all problems at once).
+
+    `spec` is a Spec, spec text, or a path (a PathLike, or a str naming a `.garage` file)."""
+    if isinstance(spec, ast.Spec):
+        return spec, []
+    if isinstance(spec, os.PathLike):
+        return parse_collect(read_spec_file(spec), os.fspath(spec))
+    if isinstance(spec, str) and spec.endswith(".garage") and not any(c.isspace() for c in spec):
+        return spec_and_syntax(Path(spec))  # a file name is never valid spec text: read the file
+    if isinstance(spec, str):
+        return parse_collect(spec)
+    raise TypeError(f"a spec is a garage.Spec, spec text or a path, not {type(spec).__name__}")
+
+
+def spec_folder(spec: ast.Spec) -> Path | None:
+    """The folder relative file paths in a spec are read from: the spec file's own, if it is a file."""
+    path = Path(spec.filename)
+    return path.parent if path.is_file() else None
+
+
+@dataclass
+class Prepared:
+    """The front half's result: the plan, one op module per step (None where building failed), and the
+    diagnostics of each stage."""
+
+    spec: ast.Spec
+    plan: Plan
+    modules: list[nn.Module | None]
+    captures: dict[str, torch.Tensor]
+    stages: dict[type[GarageError], list[Diagnostic]] = field(default_factory=dict)
+
+    @property
+    def diagnostics(self) -> list[Diagnostic]:
+        return [d for ds in self.stages.values() for d in ds]
+
+    def raise_if_errors(self) -> list[nn.Module]:
+        """Raise every diagnostic at once, as the error type of the earliest stage that failed; else the
+        op modules, every one built."""
+        for error_type, diags in self.stages.items():
+            if any(d.is_error for d in diags):
+                raise error_type(self.diagnostics)
+        return [m for m in self.modules if m is not None]
+
+
+def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
+    """Parse, resolve and build every statement that can be, on the model's device and dtype."""
+    spec, syntax = spec_and_syntax(spec)
+    info = ModelInfo.from_model(model)
+    plan, unresolved = resolve_collect(spec, info)
+    ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec))
+    modules: list[nn.Module | None] = []
+    unbuilt: list[Diagnostic] = []
+    failed: set[int] = set()
+    for step, key in zip(plan, capture_keys(plan)):
+        module = None
+        if step.statement not in failed:
+            try:
+                module = place(build_op(step, ctx, key), model)
+            except Problem as problem:
+                failed.add(step.statement)
+                unbuilt.append(problem.diagnostic(spec.source))
+        modules.append(module)
+    stages: dict[type[GarageError], list[Diagnostic]] = {SpecError: syntax, ResolveError: unresolved,
+                                                         ValidationError: unbuilt}
+    return Prepared(spec, plan, modules, ctx.captures, stages)
