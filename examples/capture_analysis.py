@@ -5,8 +5,8 @@
 
 from pathlib import Path
 
-from garage import analyze
 import garage
+from garage import analyze
 from garage.core.loader import quick_load
 
 HERE = Path(__file__).parent

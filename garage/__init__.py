@@ -13,12 +13,17 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
 library's import paths. Private torch and transformers APIs are used only in `_compat`.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from ._version import __version__
 from .check.validate import Report, check
 from .compiler import compile, hook
 from .lang.ast import Spec
-from .lang.diagnostics import Diagnostic, GarageError, ResolveError, SpecError, ValidationError
+from .lang.diagnostics import (
+    Diagnostic,
+    GarageError,
+    ResolveError,
+    SpecError,
+    ValidationError,
+)
 from .lang.formatter import format_spec as format
 from .lang.parse import load, parse
 from .ops import register
@@ -26,11 +31,6 @@ from .plan.archs import ARCHS, ArchRow, ModelInfo
 from .plan.resolve import ConcreteSite, Plan, Step, resolve
 from .runtime.artifact import load_artifact
 from .runtime.injected import InjectedModel
-
-try:
-    __version__ = version("garage")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "ARCHS",

@@ -19,14 +19,16 @@ from torch.fx import GraphModule
 from transformers import DynamicCache, masking_utils
 from transformers.cache_utils import DynamicLayer
 
+
 # ------------------------------------------------------------------ torch.fx
 def materialize(gm: GraphModule) -> None:
     """Generate a lazily built GraphModule's code now: dynamo does not trace a lazy `forward`.
 
     `real_recompile` is _LazyGraphModule's (checked on torch 2.13); a plain GraphModule lacks it and is
     already materialised."""
-    if hasattr(gm, "real_recompile"):
-        gm.real_recompile()
+    real_recompile = getattr(gm, "real_recompile", None)
+    if real_recompile is not None:
+        real_recompile()
 
 
 def copy_graph(base: GraphModule) -> torch.fx.Graph:
@@ -97,7 +99,7 @@ def size_oblivious() -> Iterator[None]:
     renamed, `patch` raises at the first compiled call."""
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True):
+    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # made at import by torch
         yield
 
 
@@ -177,7 +179,8 @@ def cache_from_flat(past: Sequence[torch.Tensor]) -> DynamicCache:
 
 def flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
     """(k0, v0, k1, v1, …) of a DynamicCache: `cache.layers[i].keys / .values` (checked on 5.24)."""
-    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    layers: list[Any] = list(cache.layers)
+    return [t for layer in layers for t in (layer.keys, layer.values)]
 
 
 class SlotLayer(DynamicLayer):
@@ -186,6 +189,9 @@ class SlotLayer(DynamicLayer):
     Overrides DynamicLayer's `update`, `get_seq_length` and `get_mask_sizes` and sets its `keys`,
     `values`, `is_initialized`, `dtype` and `device` fields (checked on transformers 5.24). If the layer
     protocol changes, the decode graph fails to export, and generation tests fail."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor) -> None:
         super().__init__()

@@ -8,24 +8,27 @@ cosine similarity and L2 distance between the two residual streams, over real (u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import ops
-from .plan.archs import ModelInfo
 from .compiler import SpecLike, hook
-from .runtime.hooks import HookSet, attach
+from .plan.archs import ModelInfo
 from .plan.resolve import sites_named
+from .runtime.hooks import HookSet, attach
+
+Inputs = Union[Mapping[str, torch.Tensor], torch.Tensor]  # tokenizer output, or input_ids alone
 
 
-def _inputs(inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+def _inputs(inputs: Inputs) -> dict[str, torch.Tensor]:
     return {"input_ids": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
 
 
 @torch.no_grad()
-def capture(model: nn.Module, sites: str | Sequence[str], inputs, spec: SpecLike = "", bind=None) -> dict[str, torch.Tensor]:
+def capture(model: nn.Module, sites: str | Sequence[str], inputs: Inputs, spec: SpecLike = "",
+            bind: Mapping[str, object] | None = None) -> dict[str, torch.Tensor]:
     """Hidden states at each site ("h.*", "h.6.mlp", "final", …), keyed by canonical site label.
 
     With `spec`, its ops apply first (captures at a site come after the spec's ops there).
@@ -66,13 +69,13 @@ class LayerEffect:
 
 
 @torch.no_grad()
-def compare(model: nn.Module, spec: SpecLike, inputs, bind=None) -> list[LayerEffect]:
+def compare(model: nn.Module, spec: SpecLike, inputs: Inputs, bind: Mapping[str, object] | None = None) -> list[LayerEffect]:
     """Per block (and the final norm where there is one): how far the spec moves the residual stream."""
-    inputs = _inputs(inputs)
-    mask = inputs.get("attention_mask")
+    tensors = _inputs(inputs)
+    mask = tensors.get("attention_mask")
     sites = ["h.*"] + (["final"] if _has_final(model) else [])
-    plain = capture(model, sites, inputs)
-    steered = capture(model, sites, inputs, spec=spec, bind=bind)
+    plain = capture(model, sites, tensors)
+    steered = capture(model, sites, tensors, spec=spec, bind=bind)
     effects = []
     for label, a in steered.items():
         b = plain[label]

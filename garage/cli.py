@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
+from torch import nn
+from transformers import GenerationMixin
 
+from ._version import __version__
 from .analyze import compare, effect_table
+from .check.validate import check
 from .compiler import compile as compile_spec
 from .lang.diagnostics import GarageError
 from .lang.formatter import format_spec
-from .models import BUILTIN, DEFAULT_MODEL, load_model, load_model_and_tokenizer
 from .lang.parse import load as load_spec
-from .check.validate import check
+from .models import BUILTIN, DEFAULT_MODEL, load_model, load_model_and_tokenizer
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -32,6 +35,7 @@ def _add_spec(p: argparse.ArgumentParser, with_model: bool = True) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="garage", description="Compile .garage injection specs against transformer models.")
+    top.add_argument("--version", action="version", version=f"garage {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_spec(sub.add_parser("check", help="report every problem in a spec against a model (exit 1 if any error)"))
     _add_spec(sub.add_parser("explain", help="show where each statement lands in the model"))
@@ -54,7 +58,7 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _model(name: str):
+def _model(name: str) -> nn.Module:
     _progress(f"loading {name} ...")
     return load_model(name)
 
@@ -87,8 +91,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     inputs = tokenizer([args.prompt], return_tensors="pt")
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
 
-    def text(tokens) -> str:
-        return tokenizer.decode(tokens[0], skip_special_tokens=True)
+    def text(tokens: torch.Tensor) -> str:
+        return str(tokenizer.decode(tokens[0], skip_special_tokens=True))
 
     _progress("generating ...")
     torch.manual_seed(args.seed)
@@ -97,7 +101,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.compare:
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            plain = model.generate(**inputs, **generation, pad_token_id=tokenizer.pad_token_id)
+            generator = cast(GenerationMixin, model)  # `run` has generated already: it is a causal LM
+            plain = generator.generate(**inputs, **generation, pad_token_id=tokenizer.pad_token_id)
         print("== without")
         print(text(plain))
         print("== how far the spec moves each layer (on the prompt)")

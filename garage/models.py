@@ -11,13 +11,14 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CHARS = [chr(c) for c in range(32, 127)]
 UNK, BOS, EOS, PAD = range(len(CHARS), len(CHARS) + 4)
 VOCAB = 100
 
 
-def char_tokenizer():
+def char_tokenizer() -> PreTrainedTokenizerBase:
     """One token per printable ASCII character, made in memory (offline); anything else is <unk>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -31,7 +32,7 @@ def char_tokenizer():
                                    pad_token="<pad>", padding_side="left")
 
 
-def _tiny_gpt2() -> nn.Module:
+def _tiny_gpt2() -> PreTrainedModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=12, n_embd=128, n_head=4, n_positions=512, vocab_size=VOCAB, initializer_range=0.3,
@@ -39,7 +40,7 @@ def _tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def _tiny_llama() -> nn.Module:
+def _tiny_llama() -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(num_hidden_layers=8, hidden_size=128, intermediate_size=256, num_attention_heads=4, initializer_range=0.3,
@@ -48,16 +49,17 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-BUILTIN: dict[str, Callable[[], nn.Module]] = {"tiny:gpt2": _tiny_gpt2, "tiny:llama": _tiny_llama}
+BUILTIN: dict[str, Callable[[], PreTrainedModel]] = {"tiny:gpt2": _tiny_gpt2, "tiny:llama": _tiny_llama}
 DEFAULT_MODEL = "tiny:gpt2"
 
 
-def load_model(name: str, seed: int = 0) -> nn.Module:
+def load_model(name: str, seed: int = 0) -> PreTrainedModel:
     """A model in eval mode: a built-in `tiny:*` (random weights, seeded) or a hub id / local folder."""
     return load_model_and_tokenizer(name, seed)[0]
 
 
-def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a built-in name, a hub id or a local folder; the model in eval mode."""
     if name in BUILTIN:
         torch.manual_seed(seed)
@@ -71,7 +73,7 @@ def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.devic
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)
     if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
+        nn.Module.to(model, device=device, dtype=dtype)  # in place; PreTrainedModel.to's wrapper is untyped
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -83,3 +83,12 @@ def test_fmt_and_fmt_check(capsys, tmp_path):
 def test_the_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "garage.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "check" in result.stdout and "run" in result.stdout
+
+
+def test_version(capsys):
+    import garage
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"garage {garage.__version__}"

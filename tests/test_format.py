@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import garage
 
+
 # ------------------------------------------------------------------ golden canonical forms
 @pytest.mark.parametrize(
     "text, canonical",

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "garage"
 
 # The pipeline, earliest first. A module may import its own stage and the stages before it, never after.
-ORDER = ["_compat", "lang", "ops", "plan", "fx", "check", "runtime",
+ORDER = ["_version", "_compat", "lang", "ops", "plan", "fx", "check", "runtime",
          "compiler", "models", "analyze", "core", "inject", "cli", "__init__"]
 STAGE_PACKAGES = ["lang", "ops", "plan", "fx", "check", "runtime"]
 
@@ -133,3 +133,18 @@ def test_every_compat_entry_says_what_it_was_checked_on():
     assert entries
     for node in entries:
         assert "checked on" in (ast.get_docstring(node) or ""), f"_compat.{node.name} does not say what it was checked on"
+
+
+def test_version_comes_from_the_installed_metadata():
+    import garage
+
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8")
+    declared = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE)
+    assert declared and garage.__version__ == declared.group(1)
+
+
+def test_the_package_ships_its_type_marker_and_grammar():
+    from importlib import resources
+
+    assert resources.files("garage").joinpath("py.typed").is_file()
+    assert resources.files("garage.lang").joinpath("grammar", "garage.lark").is_file()

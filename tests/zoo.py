@@ -22,8 +22,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 import transformers as hf
+from torch import nn
 from transformers import PretrainedConfig
 
 # Sizes shared by every family (each family maps them onto its own field names).

@@ -17,7 +17,7 @@ from torch import nn
 from ..fx.export import SCORING, base_graph
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject, site_location
-from ..lang.diagnostics import Diagnostic, Problem, ValidationError, render
+from ..lang.diagnostics import Diagnostic, Problem, Severity, ValidationError, render
 from ..plan.prepare import Prepared, SpecLike, prepare
 from .lints import Finding, blade_findings, dead_op_findings, dedupe, graph_findings
 from .shapes import check_module, user_module
@@ -54,7 +54,7 @@ class Validated:
 
 
 def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
-    severity = "warning" if finding.rule else "error"
+    severity: Severity = "warning" if finding.rule else "error"
     return prepared.spec.source.diagnostic(finding.step.span, finding.message, finding.hint, severity, finding.rule)
 
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..plan.archs import ModelInfo
 from ..models import load_model_and_tokenizer
+from ..plan.archs import ModelInfo, model_config, text_config
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
@@ -16,22 +16,22 @@ def _device(device: str | torch.device | None) -> torch.device | None:
     return torch.device(device)
 
 
-def quick_load(model_id_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
+def quick_load(model_id_or_path: str, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`; with a dict describing it."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model, tokenizer = load_model_and_tokenizer(model_id_or_path, device=_device(device), dtype=dtype)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, tokenizer = load_model_and_tokenizer(model_id_or_path, device=_device(device), dtype=torch_dtype)
     return model, tokenizer, model_info(model, model_id_or_path)
 
 
 def model_info(model: torch.nn.Module, model_id: str) -> dict[str, Any]:
     """The seed's info keys, read from the model as loaded."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     param = next(model.parameters())
     arch = ModelInfo.from_model(model)
     return {
         "model_id": model_id,
-        "architecture": (getattr(model.config, "architectures", None) or [type(model).__name__])[0],
+        "architecture": (getattr(model_config(model), "architectures", None) or [type(model).__name__])[0],
         "model_type": arch.model_type,
         "hidden_size": arch.hidden_size,
         "num_layers": arch.num_layers,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .._compat import without_hooks
+from ..plan.archs import model_config, text_config
 
 Signature = tuple[tuple[str, torch.dtype], ...]
 
@@ -39,13 +40,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def vocab_size(model: nn.Module) -> int:
-    return int(getattr(model.config.get_text_config(), "vocab_size", 2) or 2)
+    return int(getattr(text_config(model), "vocab_size", 2) or 2)
 
 
 @contextlib.contextmanager
 def _scoring_config(model: nn.Module) -> Iterator[None]:
     """use_cache=False while exporting; set on the config, since as a kwarg it would become a graph input."""
-    config = model.config
+    config = model_config(model)
     had = "use_cache" in config.__dict__
     old = config.__dict__.get("use_cache")
     config.use_cache = False

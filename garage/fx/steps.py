@@ -21,7 +21,14 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers import DynamicCache
 
-from .._compat import attn_implementation, cache_from_flat, flat_cache, mask_skipping_allowed, slot_cache
+from .._compat import (
+    attn_implementation,
+    cache_from_flat,
+    flat_cache,
+    mask_skipping_allowed,
+    slot_cache,
+)
+from ..plan.archs import text_config
 from .export import cache_kwarg, cached_graph, example_inputs, model_device
 
 STEP_PREFIX = "model."  # these graphs wrap the model as `self.model`
@@ -147,7 +154,7 @@ def step_graph(model: nn.Module, kind: str) -> GraphModule:
 
 def unpadded_possible(model: nn.Module) -> bool:
     """Whether an unpadded batch can skip the attention mask: a causal LM on SDPA with no sliding windows."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return bool(

@@ -16,8 +16,8 @@ from torch import nn
 
 from .. import ops
 from ..plan.archs import ModelInfo
-from ..runtime.hooks import HookSet, attach
 from ..plan.resolve import ConcreteSite
+from ..runtime.hooks import HookSet, attach
 
 HISTORY = 64  # statistics of the last calls kept for get_debate_info()
 

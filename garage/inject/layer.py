@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..plan.archs import ModelInfo
 from ..lang.diagnostics import GarageError
-from ..runtime.hooks import HookSet, attach
+from ..plan.archs import ModelInfo
 from ..plan.resolve import ConcreteSite, sites_named
+from ..runtime.hooks import HookSet, attach
+from ..runtime.injected import InjectedModel
 
 
 @dataclass
@@ -135,7 +136,7 @@ class LayerInjector:
         """The tensors and modules that `to_spec()` names."""
         return {k: v for i in self._injections.values() for k, v in i.bind.items()}
 
-    def compile(self, **kwargs: Any):
+    def compile(self, **kwargs: Any) -> InjectedModel:
         """The equivalent InjectedModel (a graph rewrite), built from `to_spec()` and `bindings()`."""
         from ..compiler import compile
 

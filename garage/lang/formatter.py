@@ -23,7 +23,7 @@ def format_string(s: str) -> str:
 
 # ------------------------------------------------------------------ layers and positions
 @singledispatch
-def format_layers(sel) -> str:
+def format_layers(sel: object) -> str:
     raise TypeError(f"not a layer selector: {sel!r}")
 
 

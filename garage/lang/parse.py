@@ -7,10 +7,23 @@ from functools import lru_cache
 from typing import Iterator
 
 from lark import Lark
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import (
+    UnexpectedCharacters,
+    UnexpectedInput,
+    UnexpectedToken,
+    VisitError,
+)
 
 from . import ast
-from .diagnostics import Diagnostic, Problem, Source, Span, SpecError, did_you_mean, raise_if_errors
+from .diagnostics import (
+    Diagnostic,
+    Problem,
+    Source,
+    Span,
+    SpecError,
+    did_you_mean,
+    raise_if_errors,
+)
 from .formatter import format_string
 from .to_ast import Chunk, ToAst
 
@@ -112,7 +125,8 @@ def _syntax_diagnostic(err: UnexpectedInput, chunk: Chunk, source: Source) -> Di
         else:
             message, hint = f"unexpected character '{found}'", None
     else:
-        found, width = str(err.token), max(1, len(str(err.token)))
+        found = str(getattr(err, "token", ""))
+        width = max(1, len(found))
         message, hint = f"unexpected '{found}'", None
         if found.isidentifier() and keywords:
             hint = did_you_mean(found, keywords.values())

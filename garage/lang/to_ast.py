@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lark import Token, Transformer, v_args
+from lark.tree import Meta
 
 from . import ast
 from .diagnostics import Problem, Span
@@ -52,6 +53,9 @@ def _file_value(text: str, span: Span) -> ast.FileValue:
     return ast.FileValue(text, None, span)
 
 
+Clause = tuple[str, Any, Span]  # a blade or debate clause: (field, value, span)
+
+
 @v_args(meta=True)
 class ToAst(Transformer):
     """Builds AST nodes from the lark tree of one statement; raises Problem on semantic errors."""
@@ -60,14 +64,14 @@ class ToAst(Transformer):
         super().__init__()
         self.chunk = chunk
 
-    def _span(self, meta: Any) -> Span:
+    def _span(self, meta: Meta) -> Span:
         return _file_span(self.chunk, meta.line, meta.column, meta.end_column)
 
     def _tok(self, tok: Token) -> Span:
-        return _file_span(self.chunk, tok.line, tok.column, tok.end_column)
+        return _file_span(self.chunk, tok.line or 1, tok.column or 1, tok.end_column or 1)
 
     # numbers ---------------------------------------------------------
-    def number(self, meta, children):
+    def number(self, meta: Meta, children: list[Any]) -> float:
         sign = -1.0 if len(children) == 2 and children[0] == "-" else 1.0
         value = sign * float(children[-1])
         if not math.isfinite(value):
@@ -80,14 +84,14 @@ class ToAst(Transformer):
         return int(tok)
 
     # statements ------------------------------------------------------
-    def at_stmt(self, meta, children):
+    def at_stmt(self, meta: Meta, children: list[Any]) -> ast.At:
         site, op = children
         return ast.At(site, op, self._span(meta))
 
-    def expect_key(self, meta, children):
+    def expect_key(self, meta: Meta, children: list[Any]) -> str:
         return str(children[0])
 
-    def expect_stmt(self, meta, children):
+    def expect_stmt(self, meta: Meta, children: list[Any]) -> ast.Expect:
         key, value = children
         if key == "model":
             if value.type != "STRING":
@@ -98,17 +102,17 @@ class ToAst(Transformer):
         return ast.Expect(key, self._int(value, key), self._span(meta))
 
     # sites -----------------------------------------------------------
-    def site(self, meta, children):
+    def site(self, meta: Meta, children: list[Any]) -> ast.Site:
         positions = children[1] if len(children) > 1 else None
         return replace(children[0], positions=positions, span=self._span(meta))
 
-    def raw_site(self, meta, children):
+    def raw_site(self, meta: Meta, children: list[Any]) -> ast.ModuleSite:
         return ast.ModuleSite(_unquote(children[0]), span=self._span(meta))
 
-    def bare_site(self, meta, children):
+    def bare_site(self, meta: Meta, children: list[Any]) -> ast.BlockSite:
         return self._block_site(meta, None, children[0], children[1] if len(children) > 1 else ())
 
-    def path_site(self, meta, children):
+    def path_site(self, meta: Meta, children: list[Any]) -> ast.Site:
         path = children[0]
         if len(children) == 1:
             name = ".".join(path)
@@ -120,61 +124,62 @@ class ToAst(Transformer):
         container = None if path in [(a,) for a in ast.LAYER_ALIASES] else path
         return self._block_site(meta, container, children[1], children[2] if len(children) > 2 else ())
 
-    def _block_site(self, meta, container, layers, sub) -> ast.BlockSite:
+    def _block_site(self, meta: Meta, container: tuple[str, ...] | None, layers: ast.LayerSelector,
+                    sub: tuple[str, ...]) -> ast.BlockSite:
         if len(sub) == 1 and sub[0] in ast.COMPONENTS:
             return ast.BlockSite(layers, sub[0], (), container, span=self._span(meta))
         component = "module" if sub else "out"
         return ast.BlockSite(layers, component, tuple(sub), container, span=self._span(meta))
 
-    def name_path(self, meta, children):
+    def name_path(self, meta: Meta, children: list[Any]) -> tuple[str, ...]:
         return tuple(c for part in children for c in (part if isinstance(part, tuple) else (str(part),)))
 
-    def sub(self, meta, children):
+    def sub(self, meta: Meta, children: list[Any]) -> tuple[str, ...]:
         return tuple(str(c) for c in children)
 
-    def index_int(self, meta, children):
+    def index_int(self, meta: Meta, children: list[Any]) -> ast.Index:
         return ast.Index(self._int(children[0], "layer index"), self._span(meta))
 
-    def index_neg(self, meta, children):
+    def index_neg(self, meta: Meta, children: list[Any]) -> ast.Index:
         return ast.Index(-self._int(children[1], "layer index"), self._span(meta))
 
-    def index_n(self, meta, children):
+    def index_n(self, meta: Meta, children: list[Any]) -> ast.NIndex:
         offset = 0
         if children:
             offset = self._int(children[1], "offset") * (-1 if children[0] == "-" else 1)
         return ast.NIndex(offset, self._span(meta))
 
-    def index_percent(self, meta, children):
+    def index_percent(self, meta: Meta, children: list[Any]) -> ast.PercentIndex:
         percent = float(children[0][:-1])
         if percent > 100:
             raise Problem(self._span(meta), f"{children[0]} is more than 100%", "use a depth between 0% and 100%")
         return ast.PercentIndex(percent, self._span(meta))
 
-    def layer_range(self, meta, children):
+    def layer_range(self, meta: Meta, children: list[Any]) -> ast.LayerRange:
         return ast.LayerRange(children[0], children[1], self._span(meta))
 
-    def all_layers(self, meta, children):
+    def all_layers(self, meta: Meta, children: list[Any]) -> ast.AllLayers:
         return ast.AllLayers(self._span(meta))
 
-    def layer_set(self, meta, children):
+    def layer_set(self, meta: Meta, children: list[Any]) -> ast.LayerSet:
         return ast.LayerSet(tuple(children), self._span(meta))
 
-    def positions(self, meta, children):
+    def positions(self, meta: Meta, children: list[Any]) -> ast.Positions:
         return replace(children[0], span=self._span(meta))
 
-    def pos_last(self, meta, children):
+    def pos_last(self, meta: Meta, children: list[Any]) -> ast.Positions:
         return ast.Positions("last")
 
-    def pos_prompt(self, meta, children):
+    def pos_prompt(self, meta: Meta, children: list[Any]) -> ast.Positions:
         return ast.Positions("prompt")
 
-    def pos_new(self, meta, children):
+    def pos_new(self, meta: Meta, children: list[Any]) -> ast.Positions:
         return ast.Positions("new")
 
-    def pos_index(self, meta, children):
+    def pos_index(self, meta: Meta, children: list[Any]) -> ast.Positions:
         return ast.Positions("index", self._int(children[0], "position"))
 
-    def pos_neg(self, meta, children):
+    def pos_neg(self, meta: Meta, children: list[Any]) -> ast.Positions:
         if children[1] != "1":
             raise Problem(
                 self._span(meta),
@@ -183,7 +188,7 @@ class ToAst(Transformer):
             )
         return ast.Positions("last")
 
-    def pos_slice(self, meta, children):
+    def pos_slice(self, meta: Meta, children: list[Any]) -> ast.Positions:
         colon = next(i for i, tok in enumerate(children) if tok.type == "COLON")
         start = self._int(children[0], "position") if colon == 1 else None
         stop = self._int(children[-1], "position") if colon < len(children) - 1 else None
@@ -192,48 +197,48 @@ class ToAst(Transformer):
         return ast.Positions("slice", start, stop)
 
     # values ----------------------------------------------------------
-    def value_file(self, meta, children):
+    def value_file(self, meta: Meta, children: list[Any]) -> ast.FileValue:
         return _file_value(_unquote(children[0]), self._span(meta))
 
-    def value_bound(self, meta, children):
+    def value_bound(self, meta: Meta, children: list[Any]) -> ast.BoundValue:
         return ast.BoundValue(str(children[0]), self._span(meta))
 
-    def source_model(self, meta, children):
+    def source_model(self, meta: Meta, children: list[Any]) -> ast.ModelSource:
         return ast.ModelSource(_unquote(children[0]), self._span(meta))
 
     # ops -------------------------------------------------------------
-    def scale(self, meta, children):
+    def scale(self, meta: Meta, children: list[Any]) -> ast.Scale:
         return ast.Scale(children[0], self._span(meta))
 
-    def add(self, meta, children):
+    def add(self, meta: Meta, children: list[Any]) -> ast.Add:
         return ast.Add(children[0], children[1] if len(children) > 1 else None, self._span(meta))
 
-    def ablate(self, meta, children):
+    def ablate(self, meta: Meta, children: list[Any]) -> ast.Ablate:
         return ast.Ablate(children[0], self._span(meta))
 
-    def zero(self, meta, children):
+    def zero(self, meta: Meta, children: list[Any]) -> ast.Zero:
         return ast.Zero(self._span(meta))
 
-    def clamp(self, meta, children):
+    def clamp(self, meta: Meta, children: list[Any]) -> ast.Clamp:
         low, high = children
         if low > high:
             raise Problem(self._span(meta), f"clamp bounds are reversed: {low:g} > {high:g}", "write clamp LO HI")
         return ast.Clamp(low, high, self._span(meta))
 
-    def noise(self, meta, children):
+    def noise(self, meta: Meta, children: list[Any]) -> ast.Noise:
         std = children[0]
         if std < 0:
             raise Problem(self._span(meta), f"noise std must be non-negative, got {std:g}")
         return ast.Noise(std, len(children) > 1, self._span(meta))
 
-    def always(self, meta, children):
+    def always(self, meta: Meta, children: list[Any]) -> bool:
         return True
 
-    def module(self, meta, children):
+    def module(self, meta: Meta, children: list[Any]) -> ast.ModuleOp:
         kwargs = children[1] if len(children) > 1 else ()
         return ast.ModuleOp(str(children[0]), kwargs, self._span(meta))
 
-    def kwargs(self, meta, children):
+    def kwargs(self, meta: Meta, children: list[Any]) -> tuple[tuple[str, ast.KwargValue], ...]:
         seen: set[str] = set()
         for name, _value, span in children:
             if name in seen:
@@ -241,24 +246,24 @@ class ToAst(Transformer):
             seen.add(name)
         return tuple((name, value) for name, value, _ in children)
 
-    def kwarg(self, meta, children):
+    def kwarg(self, meta: Meta, children: list[Any]) -> tuple[str, ast.KwargValue, Span]:
         return (str(children[0]), children[1], self._tok(children[0]))
 
-    def lit_string(self, meta, children):
+    def lit_string(self, meta: Meta, children: list[Any]) -> str:
         return _unquote(children[0])
 
-    def lit_name(self, meta, children):
+    def lit_name(self, meta: Meta, children: list[Any]) -> ast.KwargValue:
         words = {"true": True, "false": False, "none": None}
         if children[0].lower() not in words:
             raise Problem(self._span(meta), f"'{children[0]}' is not a value", "use a number, a quoted string, true, false or none")
         return words[children[0].lower()]
 
-    def blade_method(self, meta, children):
+    def blade_method(self, meta: Meta, children: list[Any]) -> str:
         return str(children[0])
 
     debate_method = project_kind = view_kind = blade_method
 
-    def _clauses(self, children, meta) -> dict:
+    def _clauses(self, children: list[Clause], meta: Meta) -> dict[str, Any]:
         found: dict = {}
         for key, value, span in children:
             if key in found:
@@ -266,29 +271,29 @@ class ToAst(Transformer):
             found[key] = value
         return found
 
-    def clause_from(self, meta, children):
+    def clause_from(self, meta: Meta, children: list[Any]) -> Clause:
         return ("source", children[0], self._span(meta))
 
-    def clause_project(self, meta, children):
+    def clause_project(self, meta: Meta, children: list[Any]) -> Clause:
         return ("project", children[0], self._span(meta))
 
-    def clause_alpha(self, meta, children):
+    def clause_alpha(self, meta: Meta, children: list[Any]) -> Clause:
         return ("alpha", children[0], self._span(meta))
 
-    def clause_views(self, meta, children):
+    def clause_views(self, meta: Meta, children: list[Any]) -> Clause:
         return ("views", children[0], self._span(meta))
 
-    def clause_strength(self, meta, children):
+    def clause_strength(self, meta: Meta, children: list[Any]) -> Clause:
         return ("strength", children[0], self._span(meta))
 
-    def blade(self, meta, children):
+    def blade(self, meta: Meta, children: list[Any]) -> ast.Blade:
         return ast.Blade(children[0], **self._clauses(children[1:], meta), span=self._span(meta))
 
-    def blade_bare(self, meta, children):
+    def blade_bare(self, meta: Meta, children: list[Any]) -> ast.Blade:
         return ast.Blade(span=self._span(meta))
 
-    def debate(self, meta, children):
+    def debate(self, meta: Meta, children: list[Any]) -> ast.Debate:
         return ast.Debate(children[0], **self._clauses(children[1:], meta), span=self._span(meta))
 
-    def capture(self, meta, children):
+    def capture(self, meta: Meta, children: list[Any]) -> ast.Capture:
         return ast.Capture(str(children[0]), self._span(meta))

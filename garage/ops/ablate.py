@@ -8,6 +8,8 @@ from .base import Op
 class Ablate(Op):
     """h ← h − (h·v̂) v̂: removes the direction v (v̂ = v/‖v‖) from every position."""
 
+    unit: torch.Tensor
+
     def __init__(self, direction: torch.Tensor) -> None:
         super().__init__()
         v = direction.detach().reshape(-1).to(torch.float64)

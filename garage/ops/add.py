@@ -8,6 +8,9 @@ from .base import Op
 class Add(Op):
     """h ← h + F·v, with v a [hidden] vector."""
 
+    vector: torch.Tensor
+    factor: torch.Tensor
+
     def __init__(self, vector: torch.Tensor, factor: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("vector", vector.detach().clone().reshape(-1))

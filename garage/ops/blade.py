@@ -18,12 +18,14 @@ DEFAULT_ALPHA = 1.0
 class TensorSource(nn.Module):
     """A recorded blade: a [hidden] (or broadcastable [..., hidden]) tensor, projected if it is wider."""
 
+    blade: torch.Tensor
+
     def __init__(self, blade: torch.Tensor, hidden: int, project: str | None, metadata: dict[str, str] | None = None) -> None:
         super().__init__()
         self.metadata = dict(metadata or {})  # what the blade file records, e.g. {"domain": "math"}
         blade = blade.detach().clone()
         width = blade.shape[-1]
-        self.linear = None
+        self.linear: nn.Linear | None = None
         if project == "topk" and width > hidden:
             keep = blade.abs().reshape(-1, width).mean(0).topk(hidden).indices.sort().values
             blade = blade[..., keep]
@@ -47,6 +49,9 @@ class ModuleSource(nn.Module):
 
 
 class Blade(Op):
+    alpha: torch.Tensor
+    gate: nn.Linear
+
     def __init__(self, source: nn.Module, hidden: int, method: str, alpha: float | None = None) -> None:
         super().__init__()
         self.source = source

@@ -8,6 +8,9 @@ from .base import Op
 class Clamp(Op):
     """h ← clamp(h, LO, HI)"""
 
+    low: torch.Tensor
+    high: torch.Tensor
+
     def __init__(self, low: float, high: float) -> None:
         super().__init__()
         self.scalar("low", low)

@@ -19,6 +19,10 @@ DEFAULT_STRENGTH = 0.1
 
 
 class Debate(Op):
+    strength: torch.Tensor
+    projection: nn.Linear
+    gate: nn.Linear
+
     def __init__(self, hidden: int, method: str, views: str | None = None, strength: float | None = None) -> None:
         super().__init__()
         self.method = method

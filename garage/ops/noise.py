@@ -10,6 +10,8 @@ class Noise(Op):
 
     It is also the built-in `module noise(std=…)`, the seed library's ActivationNoise."""
 
+    std: torch.Tensor
+
     def __init__(self, std: float = 0.01, always: bool = False) -> None:
         super().__init__()
         self.scalar("std", std)

@@ -8,6 +8,8 @@ from .base import Op
 class Scale(Op):
     """h ← F·h"""
 
+    factor: torch.Tensor
+
     def __init__(self, factor: float) -> None:
         super().__init__()
         self.scalar("factor", factor)

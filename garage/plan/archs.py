@@ -8,6 +8,7 @@ discovery: the one ModuleList whose length is `num_hidden_layers`, with common s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -52,6 +53,20 @@ _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 _FINAL_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
 
 
+def model_config(model: nn.Module) -> Any:
+    """The Hugging Face config of a model (typed Any: each family has its own config class)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("garage needs a Hugging Face model (a module with a .config)")
+    return config
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config of the model's text part: the config itself for a text-only model."""
+    config = model_config(model)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the resolver and compiler need to know about one model, with full module paths."""
@@ -77,15 +92,13 @@ class ModelInfo:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelInfo":
-        config = getattr(model, "config", None)
-        if config is None:
-            raise TypeError("garage needs a Hugging Face model (a module with a .config)")
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        num_layers = int(text_config.num_hidden_layers)
-        hidden = int(text_config.hidden_size)
-        model_type = getattr(text_config, "model_type", None) or getattr(config, "model_type", "unknown")
+        config = model_config(model)
+        text = text_config(model)
+        num_layers = int(text.num_hidden_layers)
+        hidden = int(text.hidden_size)
+        model_type = str(getattr(text, "model_type", None) or getattr(config, "model_type", "unknown"))
         modules = dict(model.named_modules())
-        row = ARCHS.get(model_type) or ARCHS.get(getattr(config, "model_type", ""))
+        row = ARCHS.get(model_type) or ARCHS.get(str(getattr(config, "model_type", "")))
         blocks = _find_blocks(modules, num_layers, row.blocks if row else None)
         if row is None:
             row = _discover(modules, blocks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -67,21 +67,21 @@ def vector(value: ast.Value, ctx: BuildContext) -> torch.Tensor:
     return tensor.reshape(ctx.hidden)
 
 
-def blade_tensor(op: ast.Blade, ctx: BuildContext) -> tuple[torch.Tensor, dict[str, str]]:
+def blade_tensor(source: ast.Value, project: str | None, ctx: BuildContext) -> tuple[torch.Tensor, dict[str, str]]:
     """A recorded blade, checked for width against the model (or the projection that makes it fit)."""
-    loaded = load_value(op.source, ctx, "tensor or module")
-    tensor = _float_tensor(loaded.tensor, op.source)
+    loaded = load_value(source, ctx, "tensor or module")
+    tensor = _float_tensor(loaded.tensor, source)
     width = tensor.shape[-1] if tensor.dim() else 1
     recorded = loaded.metadata.get("hidden_size")
-    if op.project is None and (width != ctx.hidden or (recorded and recorded.isdigit() and int(recorded) != ctx.hidden)):
+    if project is None and (width != ctx.hidden or (recorded and recorded.isdigit() and int(recorded) != ctx.hidden)):
         source_width = int(recorded) if recorded and recorded.isdigit() else width
         raise Problem(
-            op.source.span,
-            f"blade {_shown(op.source)} comes from a source with hidden size {source_width}, but this model's is {ctx.hidden}",
+            source.span,
+            f"blade {_shown(source)} comes from a source with hidden size {source_width}, but this model's is {ctx.hidden}",
             "source and target must share hidden dimensions (the Same-Dimension rule): add `project topk` or `project linear`",
         )
-    if op.project == "topk" and width < ctx.hidden:
-        raise Problem(op.source.span, f"`project topk` cannot widen a blade of width {width} to {ctx.hidden}",
+    if project == "topk" and width < ctx.hidden:
+        raise Problem(source.span, f"`project topk` cannot widen a blade of width {width} to {ctx.hidden}",
                       "use `project linear`")
     return tensor, loaded.metadata
 
@@ -111,10 +111,12 @@ def _blade(op: ast.Blade, ctx: BuildContext) -> nn.Module:
     if isinstance(op.source, ast.ModelSource):
         raise Problem(op.source.span, "a live source model (`from model`) is not supported yet",
                       "record the source's hidden state to a .safetensors file and use `from \"file\"`")
-    if isinstance(op.source, ast.BoundValue) and isinstance(ctx.bind.get(op.source.name), nn.Module):
-        source: nn.Module = ops.ModuleSource(ctx.bind[op.source.name])
+    assert op.method is not None  # the grammar requires a method before `from`
+    bound = ctx.bind.get(op.source.name) if isinstance(op.source, ast.BoundValue) else None
+    if isinstance(bound, nn.Module):
+        source: nn.Module = ops.ModuleSource(bound)
     else:
-        tensor, metadata = blade_tensor(op, ctx)
+        tensor, metadata = blade_tensor(op.source, op.project, ctx)
         source = ops.TensorSource(tensor, ctx.hidden, op.project, metadata)
     return ops.Blade(source, ctx.hidden, op.method, op.alpha)
 
@@ -127,7 +129,8 @@ def _ablate(op: ast.Ablate, ctx: BuildContext) -> nn.Module:
     return ops.Ablate(direction)
 
 
-_BUILDERS: dict[type, Callable[[ast.Op, BuildContext], nn.Module]] = {
+# Each builder takes its own AST node type (the key); `Any` because a dict cannot say so per entry.
+_BUILDERS: dict[type, Callable[[Any, BuildContext], nn.Module]] = {
     ast.Scale: lambda op, ctx: ops.Scale(op.factor),
     ast.Add: lambda op, ctx: ops.Add(vector(op.value, ctx), 1.0 if op.factor is None else op.factor),
     ast.Ablate: lambda op, ctx: _ablate(op, ctx),

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from ..lang import ast
-from ..lang.diagnostics import Diagnostic, GarageError, Problem, ResolveError, SpecError, ValidationError
+from ..lang.diagnostics import (
+    Diagnostic,
+    GarageError,
+    Problem,
+    ResolveError,
+    SpecError,
+    ValidationError,
+)
 from ..lang.parse import parse_collect, read_spec_file
 from ..ops import place
 from .archs import ModelInfo

@@ -13,10 +13,19 @@ from typing import Iterator
 from torch import nn
 
 from ..lang import ast
-from .archs import ModelInfo
-from ..lang.diagnostics import Diagnostic, Problem, ResolveError, Source, Span, SpecError, did_you_mean, raise_if_errors
+from ..lang.diagnostics import (
+    Diagnostic,
+    Problem,
+    ResolveError,
+    Source,
+    Span,
+    SpecError,
+    did_you_mean,
+    raise_if_errors,
+)
 from ..lang.formatter import format_positions, format_string
 from ..lang.parse import parse_site
+from .archs import ModelInfo
 
 SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
 

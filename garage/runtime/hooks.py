@@ -7,7 +7,7 @@ Hooks are the only thing it adds to the model, and `remove()` takes every one of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..ops import AtPositions
 from ..plan.resolve import ConcreteSite
+
+Run = Callable[[torch.Tensor], torch.Tensor]  # the ops of one site, applied in order
 
 
 @dataclass
@@ -35,7 +37,7 @@ def apply_ops(modules: Iterable[nn.Module], h: torch.Tensor, ctx: CallContext) -
     return h
 
 
-def _replace_hidden(output: Any, fn) -> Any:
+def _replace_hidden(output: Any, fn: Run) -> Any:
     """Apply fn to the hidden state inside a module's output: a tensor, or the first item of a tuple/ModelOutput."""
     if isinstance(output, torch.Tensor):
         return fn(output)
@@ -63,7 +65,7 @@ class HookSet:
     def __enter__(self) -> "HookSet":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
@@ -74,7 +76,7 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
     for site, module in zip(sites, modules):
         grouped.setdefault(site.key, []).append(module)
 
-    def remember_mask(_module, args, kwargs):
+    def remember_mask(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         ids = kwargs.get("input_ids", args[0] if args else None)
         hooks.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
@@ -111,7 +113,7 @@ def _past_length(kwargs: dict) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext):
+def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext) -> Run:
     def run(h: torch.Tensor) -> torch.Tensor:
         for module in group:
             if module.training != target.training:
@@ -121,10 +123,10 @@ def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext):
     return run
 
 
-def _pre_hook(run):
+def _pre_hook(run: Run) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:
     """Rewrite a block's incoming hidden state, passed positionally or as `hidden_states=`."""
 
-    def hook(_module, args, kwargs):
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if args:
             return (run(args[0]),) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": run(kwargs["hidden_states"])}

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..fx.export import SCORING, Signature, base_graph, model_device, signature, vocab_size
+from ..fx.export import (
+    SCORING,
+    Signature,
+    base_graph,
+    model_device,
+    signature,
+    vocab_size,
+)
 from ..fx.locate import SiteNotFound
 from ..fx.rewrite import POSITION_INPUTS, Rewritten, inject
 from ..fx.steps import STEP_PREFIX, step_graph, unpadded_possible
