@@ -5,8 +5,6 @@
 
 from pathlib import Path
 
-import torch
-
 import garage
 from garage.core.loader import quick_load
 from garage.inject.debate import SelfDebate

@@ -159,11 +159,16 @@ def attn_implementation(config: Any) -> str | None:
 def mask_skipping_allowed() -> Iterator[None]:
     """Let transformers skip the attention mask while exporting, so SDPA runs with `is_causal=True`.
 
-    transformers never skips it under export, since a shape-specialised `is_causal` could be wrong; the
-    unpadded graph is exported only for q_length == kv_length without padding, where it is right. Patches
-    `masking_utils.is_torchdynamo_exporting` (checked on 5.24). If the name goes, the patch silently does
-    nothing and the unpadded graph keeps an explicit mask: still correct, only slower."""
-    saved = masking_utils.is_torchdynamo_exporting
+    From transformers 5.2x on, masks are never skipped under export (`masking_utils.is_torchdynamo_exporting`),
+    since a shape-specialised `is_causal` could be wrong; the unpadded graph is exported only for q_length ==
+    kv_length without padding, where it is right, so that check is patched out here (checked on 5.24).
+    Earlier 5.x releases test only whether the mask itself is traced, and the unpadded graph passes none, so
+    there is nothing to patch. If the check is renamed again, the unpadded graph keeps an explicit mask:
+    still correct, only slower, and the test of the causal path fails."""
+    saved = getattr(masking_utils, "is_torchdynamo_exporting", None)
+    if saved is None:
+        yield
+        return
     masking_utils.is_torchdynamo_exporting = lambda: False
     try:
         yield

@@ -16,7 +16,7 @@ from torch import nn
 from . import ops
 from .compiler import SpecLike, hook
 from .plan.archs import ModelInfo
-from .plan.resolve import sites_named
+from .plan.prepare import sites_named
 from .runtime.hooks import HookSet, attach
 
 Inputs = Union[Mapping[str, torch.Tensor], torch.Tensor]  # tokenizer output, or input_ids alone

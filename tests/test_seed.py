@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import garage
 from garage.core.loader import quick_load
 from garage.inject.debate import SelfDebate
 from garage.inject.layer import LayerInjector

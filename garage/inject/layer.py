@@ -17,7 +17,8 @@ from torch import nn
 from .. import ops
 from ..lang.diagnostics import GarageError
 from ..plan.archs import ModelInfo
-from ..plan.resolve import ConcreteSite, sites_named
+from ..plan.prepare import sites_named
+from ..plan.resolve import ConcreteSite
 from ..runtime.hooks import HookSet, attach
 from ..runtime.injected import InjectedModel
 

@@ -23,13 +23,23 @@ from ..lang.diagnostics import (
     SpecError,
     ValidationError,
 )
-from ..lang.parse import parse_collect, read_spec_file
+from ..lang.parse import parse_collect, parse_site, read_spec_file
 from ..ops import place
 from .archs import ModelInfo
-from .build import BuildContext, build_op, capture_keys
-from .resolve import Plan, resolve_collect
+from .build_ops import BuildContext, build_op, capture_keys
+from .resolve import ConcreteSite, Plan, concrete_sites, resolve_collect
 
 SpecLike = Union[ast.Spec, str, "os.PathLike[str]"]
+
+
+def sites_named(info: ModelInfo, text: str) -> list[ConcreteSite]:
+    """The concrete sites a site written as text names: "h.6.mlp", "N-4", "h.*", "transformer.h.6",
+    or any module path (quoted for the parser when it is not valid site syntax)."""
+    site, source = parse_site(text)
+    try:
+        return concrete_sites(info, site)
+    except Problem as problem:
+        raise ResolveError([problem.diagnostic(source)]) from None
 
 
 def spec_and_syntax(spec: SpecLike) -> tuple[ast.Spec, list[Diagnostic]]:

@@ -19,12 +19,10 @@ from ..lang.diagnostics import (
     ResolveError,
     Source,
     Span,
-    SpecError,
     did_you_mean,
     raise_if_errors,
 )
 from ..lang.formatter import format_positions, format_string
-from ..lang.parse import parse_site
 from .archs import ModelInfo
 
 SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
@@ -188,16 +186,6 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
         else:
             sites.append(ConcreteSite(site.component, layer, _component_path(info, site.component, layer, site.span), site.positions))
     return sites
-
-
-def sites_named(info: ModelInfo, text: str) -> list[ConcreteSite]:
-    """The concrete sites a site written as text names: "h.6.mlp", "N-4", "h.*", "transformer.h.6",
-    or any module path (quoted for the parser when it is not valid site syntax)."""
-    site, source = parse_site(text)
-    try:
-        return concrete_sites(info, site)
-    except Problem as problem:
-        raise ResolveError([problem.diagnostic(source)]) from None
 
 
 # ------------------------------------------------------------------ expectations
