@@ -86,6 +86,25 @@ def test_a_second_spec_does_not_trace_again(monkeypatch):
     assert len(calls) == 1
 
 
+def test_hooks_on_the_model_stay_out_of_every_traced_graph():
+    """A hook present while garage traces (a LayerInjector's, say) is not baked into any injected graph."""
+    model = tiny_model("llama", seed=4)
+    inputs = ids_and_mask(seed=4)
+    ids = inputs["input_ids"][1:]  # unpadded: the unpadded scoring graph and generation
+    handle = model.model.layers[1].register_forward_hook(lambda _m, _a, out: out * 0.0)
+    try:
+        inj = garage.compile(model, "at h.2 scale 1.0")
+        scored = inj(**inputs).logits
+        unpadded = inj(input_ids=ids).logits
+        generated = inj.generate(ids, max_new_tokens=4)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert torch.allclose(scored, model(**inputs).logits, atol=1e-5)
+        assert torch.allclose(unpadded, model(input_ids=ids).logits, atol=1e-5)
+        assert torch.equal(generated, model.generate(ids, max_new_tokens=4, do_sample=False))
+
+
 def test_explain_has_one_row_a_site(llama):
     inj = garage.compile(llama, garage.parse("at h.1 scale 0.5\nat h.{0, 2}.mlp capture m", filename="e.garage"))
     rows = inj.explain().splitlines()
