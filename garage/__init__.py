@@ -16,16 +16,17 @@ library's import paths. Private torch and transformers APIs are used only in `_c
 from ._version import __version__
 from .check.validate import Report, check
 from .compiler import compile, hook
-from .lang.ast import Spec
 from .lang.diagnostics import (
     Diagnostic,
     GarageError,
+    GarageWarning,
     ResolveError,
     SpecError,
     ValidationError,
 )
 from .lang.formatter import format_spec as format
 from .lang.parse import load, parse
+from .lang.spec import Spec
 from .ops import register
 from .plan.archs import ARCHS, ArchRow, ModelInfo
 from .plan.resolve import ConcreteSite, Plan, Step, resolve
@@ -38,6 +39,7 @@ __all__ = [
     "ConcreteSite",
     "Diagnostic",
     "GarageError",
+    "GarageWarning",
     "InjectedModel",
     "ModelInfo",
     "Plan",

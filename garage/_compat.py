@@ -90,6 +90,20 @@ def fake_mode_of(value: torch.Tensor) -> Iterator[Any]:
         mode.allow_non_fake_inputs = previous
 
 
+def fake_tensor_limits() -> tuple[type[BaseException], ...]:
+    """What fake tensors cannot do, as opposed to a module being wrong: branch on values (a guard on a
+    data-dependent size or value), produce data-dependent shapes, or run an operator with no fake kernel.
+
+    From `torch._subclasses.fake_tensor` and `torch.fx.experimental.symbolic_shapes` (checked on torch
+    2.13). If one is renamed, that limit is reported as the module's error instead of as a warning."""
+    from torch._subclasses import fake_tensor
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    names = ("DataDependentOutputException", "DynamicOutputShapeException", "UnsupportedOperatorException",
+             "UnsupportedFakeTensorException")
+    return (GuardOnDataDependentSymNode, *(getattr(fake_tensor, n) for n in names if hasattr(fake_tensor, n)))
+
+
 # ------------------------------------------------------------------ torch.compile
 @contextlib.contextmanager
 def size_oblivious() -> Iterator[None]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
-from typing import Sequence, cast
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -15,10 +18,11 @@ from ._version import __version__
 from .analyze import compare, effect_table
 from .check.validate import check
 from .compiler import compile as compile_spec
-from .lang.diagnostics import GarageError
+from .lang.diagnostics import GarageError, GarageWarning
 from .lang.formatter import format_spec
 from .lang.parse import load as load_spec
 from .models import BUILTIN, DEFAULT_MODEL, load_model, load_model_and_tokenizer
+from .runtime.injected import InjectedModel
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -36,13 +40,15 @@ def _add_spec(p: argparse.ArgumentParser, with_model: bool = True) -> None:
 def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="garage", description="Compile .garage injection specs against transformer models.")
     top.add_argument("--version", action="version", version=f"garage {__version__}")
+    top.add_argument("--debug", action="store_true",
+                     help="on an error, also print the underlying traceback (as GARAGE_DEBUG=1 does)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_spec(sub.add_parser("check", help="report every problem in a spec against a model (exit 1 if any error)"))
     _add_spec(sub.add_parser("explain", help="show where each statement lands in the model"))
     run = sub.add_parser("run", help="generate text with the spec compiled into the model")
     _add_spec(run)
     run.add_argument("--prompt", default="The meaning of life is", help="text to continue (default: %(default)r)")
-    run.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default: 20)")
+    run.add_argument("--max-new-tokens", type=_count, default=20, metavar="N", help="tokens to generate (default: 20)")
     run.add_argument("--compare", action="store_true",
                      help="also generate without the spec, and show how far the spec moves each layer")
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -52,6 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_spec(fmt, with_model=False)
     fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not already canonical")
     return top
+
+
+def _count(text: str) -> int:
+    """A whole number of 0 or more, refused by argparse (exit 2) before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def _compile(model: nn.Module, spec: str, **options: Any) -> InjectedModel:
+    """compile_spec, with its warnings left to the command, which prints them once itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GarageWarning)
+        return compile_spec(model, Path(spec), **options)
 
 
 def _progress(message: str) -> None:
@@ -74,7 +98,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     model = _model(args.model)
     _progress("compiling ...")
-    injected = compile_spec(model, Path(args.spec))
+    injected = _compile(model, args.spec)
     print(injected.explain())
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
@@ -85,7 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _progress(f"loading {args.model} ...")
     model, tokenizer = load_model_and_tokenizer(args.model, seed=args.seed)
     _progress("checking and compiling the spec (tracing the model) ...")
-    injected = compile_spec(model, Path(args.spec), compile=args.compile)
+    injected = _compile(model, args.spec, compile=args.compile)
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
     inputs = tokenizer([args.prompt], return_tensors="pt")
@@ -124,12 +148,19 @@ COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "fmt"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.debug:
+        os.environ["GARAGE_DEBUG"] = "1"
+    debug = bool(os.environ.get("GARAGE_DEBUG"))
     try:
         return COMMANDS[args.command](args)
     except GarageError as err:
+        if debug and err.__cause__ is not None:
+            traceback.print_exception(err.__cause__, file=sys.stderr)
         print(err, file=sys.stderr)
         return EXIT_ERRORS
     except (OSError, ValueError) as err:
+        if debug:
+            traceback.print_exception(err, file=sys.stderr)
         print(f"garage: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

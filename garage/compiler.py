@@ -7,11 +7,13 @@ hands the injected graph they built to the InjectedModel, so it is not built twi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 from torch import nn
 
 from .check.validate import validate
+from .lang.diagnostics import GarageWarning
 from .plan.prepare import Prepared, SpecLike, prepare
 from .runtime.hooks import HookSet, attach
 from .runtime.injected import InjectedModel
@@ -30,7 +32,9 @@ def compile(
     """
     prepared = prepare(model, spec, bind)
     validated = validate(model, prepared)
-    modules = prepared.raise_if_errors()
+    modules = prepared.raise_if_errors(validated.cause)
+    for warning in validated.report.warnings:
+        warnings.warn(warning.render(), GarageWarning, stacklevel=2)
     return InjectedModel(model, prepared.plan, modules, prepared.captures, compile=compile,
                          warnings=validated.report.warnings, scoring_graph=validated.graph)
 

@@ -7,7 +7,10 @@ every code path is the real one.
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+import socket
+from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -53,6 +56,41 @@ BUILTIN: dict[str, Callable[[], PreTrainedModel]] = {"tiny:gpt2": _tiny_gpt2, "t
 DEFAULT_MODEL = "tiny:gpt2"
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local folder rather than a hub id ("org/name"): it exists, or is written as a path."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith(("/", os.sep))
+            or "\\" in name or name.count("/") > 1)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: a failed download would otherwise retry for half a minute."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname or "", endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _source(name: str) -> str:
+    """Where a non-built-in model comes from: "folder", "cache" or "hub"; a ValueError says why neither
+    works, at once, instead of after the hub client's retries."""
+    if _looks_like_path(name):
+        if not os.path.isdir(os.path.expanduser(name)):
+            raise ValueError(f"no such model folder: {name}")
+        return "folder"
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return "cache" if not _hub_reachable() else "hub"
+    if not _hub_reachable():
+        raise ValueError(f"model '{name}' is not in the local Hugging Face cache and the hub cannot be reached; "
+                         f"pass a folder saved with save_pretrained, or a built-in model: {', '.join(BUILTIN)}")
+    return "hub"
+
+
 def load_model(name: str, seed: int = 0) -> PreTrainedModel:
     """A model in eval mode: a built-in `tiny:*` (random weights, seeded) or a hub id / local folder."""
     return load_model_and_tokenizer(name, seed)[0]
@@ -69,9 +107,10 @@ def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.devic
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kwargs = {"dtype": dtype} if dtype is not None else {}
+        kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+        kwargs["local_files_only"] = _source(name) != "hub"
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=kwargs["local_files_only"])
     if device is not None or dtype is not None:
         nn.Module.to(model, device=device, dtype=dtype)  # in place; PreTrainedModel.to's wrapper is untyped
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

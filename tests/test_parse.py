@@ -3,7 +3,7 @@
 import pytest
 
 import garage
-from garage.lang import ast
+from garage.lang import spec as ast
 
 
 def one(text: str) -> ast.Statement:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .. import ops
-from ..lang import ast
+from ..lang import spec as ast
 from ..plan.resolve import Plan, Step
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._compat import fake_mode_of, statically_known_true
+from .._compat import fake_mode_of, fake_tensor_limits, statically_known_true
 from ..fx.locate import HiddenShape
 from ..lang.diagnostics import Problem, Span
 
@@ -42,6 +42,11 @@ def check_module(module: nn.Module, role: str, value: torch.Tensor, names: Hidde
         try:
             with torch.no_grad():
                 out = module(value)
+        except fake_tensor_limits() as err:  # fake tensors cannot run it; that is not the module's fault
+            raise Problem(span, f"the shape of {what} could not be checked before running: "
+                          f"{type(err).__name__} (it branches on values, or uses an operator fake tensors lack)",
+                          "it is checked when it first runs; make it shape-static to have it checked here",
+                          "warning", "unchecked-shape") from None
         except Exception as err:  # user code: any failure is the user's to see, with the statement it came from
             raise Problem(span, f"{what} fails on a {describe(value.shape, names)} input: "
                           f"{type(err).__name__}: {err}".rstrip(),

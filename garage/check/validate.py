@@ -14,7 +14,7 @@ from typing import Mapping
 
 from torch import nn
 
-from ..fx.export import SCORING, base_graph
+from ..fx.export import SCORING, TraceFailure, base_graph, trace_diagnostic
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject, site_location
 from ..lang.diagnostics import Diagnostic, Problem, Severity, ValidationError, render
@@ -51,6 +51,7 @@ class Validated:
 
     report: Report
     graph: Rewritten | None
+    cause: BaseException | None = None  # why the model could not be traced, kept for the raised error
 
 
 def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
@@ -58,14 +59,13 @@ def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
     return prepared.spec.source.diagnostic(finding.step.span, finding.message, finding.hint, severity, finding.rule)
 
 
-def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic], Rewritten | None]:
+def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic], Rewritten | None, BaseException | None]:
     """Shape checks of user modules on fake values, then networkx checks of the rewritten graph (returned too)."""
     plan, source = prepared.plan, prepared.spec.source
     try:
         base = base_graph(model, SCORING)
-    except Exception as err:  # the model's own code failed to export: not the spec's fault, but it must be said
-        return [Diagnostic("error", f"cannot trace this model with torch.export: {type(err).__name__}: {err}",
-                           source.filename, hint="check that the model runs on input_ids and attention_mask")], None
+    except TraceFailure as failure:  # not the spec's fault, but it must be said, with its cause kept
+        return [trace_diagnostic(failure, source.filename)], None, failure
     hidden = plan.info.hidden_size
     names = HiddenShape.of(base.graph, hidden)
     nodes = {n.name: n for n in base.graph.nodes}
@@ -84,21 +84,21 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic
         except Problem as problem:
             out.append(problem.diagnostic(source))
     modules = [m for m in prepared.modules if m is not None]
-    if out or len(modules) != len(prepared.modules):
-        return out, None
+    if any(d.is_error for d in out) or len(modules) != len(prepared.modules):
+        return out, None, None
     rewritten = inject(base, [s.site for s in plan], modules, hidden)
     findings = graph_findings(rewritten.graph_module, plan, {x.index: x.node for x in rewritten.inserted})
-    return out + [_diagnostic(prepared, f) for f in dedupe(findings)], rewritten
+    return out + [_diagnostic(prepared, f) for f in dedupe(findings)], rewritten, None
 
 
 def validate(model: nn.Module, prepared: Prepared) -> Validated:
     """Add the graph checks and lints to what preparing found; every diagnostic, and the checked graph."""
-    found, graph = _graph_checks(model, prepared) if prepared.plan.steps else ([], None)
+    found, graph, cause = _graph_checks(model, prepared) if prepared.plan.steps else ([], None, None)
     lints = dedupe(iter([*dead_op_findings(prepared.plan), *blade_findings(prepared.plan, prepared.modules)]))
     found += [_diagnostic(prepared, f) for f in lints]
     prepared.stages.setdefault(ValidationError, []).extend(found)
     diagnostics = sorted(prepared.diagnostics, key=lambda d: (d.line, d.column, not d.is_error))
-    return Validated(Report(diagnostics), graph)
+    return Validated(Report(diagnostics), graph, cause)
 
 
 def check(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Report:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import threading
+import traceback
 import weakref
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from .._compat import without_hooks
+from ..lang.diagnostics import Diagnostic
 from ..plan.archs import model_config, text_config
 
 Signature = tuple[tuple[str, torch.dtype], ...]
@@ -26,6 +29,48 @@ Signature = tuple[tuple[str, torch.dtype], ...]
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, GraphModule]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # above 1, so export keeps both dimensions symbolic
+
+
+class TraceFailure(Exception):
+    """torch.export could not trace the model. Raised from the export error, which it keeps as its cause."""
+
+    def __init__(self, model: nn.Module, err: Exception) -> None:
+        self.patched_forward = forward_patch(model)
+        message = f"{type(err).__name__}: {err}".strip()
+        if self.patched_forward:
+            message = (f"its forward was replaced on the instance by {self.patched_forward} (another library "
+                       f"wraps this model), and torch.export failed on it: {message}")
+        super().__init__(message)
+
+
+def trace_diagnostic(failure: TraceFailure, filename: str, graph: str = "") -> Diagnostic:
+    """The error a user sees when their model cannot be traced; with GARAGE_DEBUG set, torch's traceback too."""
+    message = f"cannot trace this model{f' for its {graph} graph' if graph else ''} with torch.export: {failure}"
+    if os.environ.get("GARAGE_DEBUG") and failure.__cause__ is not None:
+        message += "\n" + "".join(traceback.format_exception(failure.__cause__)).rstrip()
+    hint = ("compile the unwrapped model: garage traces the model's own forward" if failure.patched_forward else
+            "check that the model runs on input_ids and attention_mask; set GARAGE_DEBUG=1 (or garage --debug) "
+            "for torch's traceback")
+    return Diagnostic("error", message, filename, hint=hint)
+
+
+def forward_patch(model: nn.Module) -> str | None:
+    """The name of a function set as `forward` on the model instance (as wrapping libraries do), if any."""
+    patched = vars(model).get("forward")
+    if patched is None:
+        return None
+    return f"{getattr(patched, '__module__', '?')}.{getattr(patched, '__qualname__', type(patched).__name__)}"
+
+
+def exported(module: nn.Module, model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None,
+             **options: Any) -> GraphModule:
+    """`torch.export.export(module, …).module()` in non-strict mode; a failure is a TraceFailure (about
+    `model`, the user's model inside `module`) that keeps torch's error as its cause."""
+    try:
+        program = torch.export.export(module, args, kwargs, strict=False, **options)
+    except Exception as err:  # the model's code, or a wrapper's, failed under export
+        raise TraceFailure(model, err) from err
+    return program.module()
 
 
 def signature(inputs: Mapping[str, torch.Tensor]) -> Signature:
@@ -78,8 +123,7 @@ def export_scoring(model: nn.Module, sig: Signature) -> GraphModule:
     inputs = example_inputs(model, sig)
     dims = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
     with _scoring_config(model), torch.no_grad():
-        program = torch.export.export(model, (), inputs, strict=False, dynamic_shapes=dims)
-    return program.module()
+        return exported(model, model, (), inputs, dynamic_shapes=dims)
 
 
 def cache_kwarg(model: nn.Module) -> str:

@@ -29,7 +29,7 @@ from .._compat import (
     slot_cache,
 )
 from ..plan.archs import text_config
-from .export import cache_kwarg, cached_graph, example_inputs, model_device
+from .export import cache_kwarg, cached_graph, example_inputs, exported, model_device
 
 STEP_PREFIX = "model."  # these graphs wrap the model as `self.model`
 EXAMPLE_PAST = 5
@@ -125,9 +125,7 @@ def export_step(model: nn.Module, decode: bool) -> GraphModule:
         args = (ids, mask, mask.cumsum(-1) - 1, prompt, ())
         shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, ())
     with torch.no_grad():
-        program = torch.export.export(step, args, dynamic_shapes=shapes, strict=False,
-                                      prefer_deferred_runtime_asserts_over_guards=True)
-    return program.module()
+        return exported(step, model, args, dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def export_unpadded(model: nn.Module) -> GraphModule:
@@ -135,9 +133,8 @@ def export_unpadded(model: nn.Module) -> GraphModule:
     inputs = example_inputs(model, (("input_ids", torch.long),))
     dims = {"input_ids": {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}}
     with mask_skipping_allowed(), torch.no_grad():
-        program = torch.export.export(UnpaddedScoring(model), (), inputs, strict=False, dynamic_shapes=dims,
-                                      prefer_deferred_runtime_asserts_over_guards=True)
-    return program.module()
+        return exported(UnpaddedScoring(model), model, (), inputs, dynamic_shapes=dims,
+                        prefer_deferred_runtime_asserts_over_guards=True)
 
 
 STEP_EXPORTERS: dict[str, Callable[[nn.Module], GraphModule]] = {

@@ -50,6 +50,8 @@ class SelfDebate:
     ) -> None:
         if divergence_method not in ("dropout", "noise", "projection"):
             raise ValueError(f"divergence_method must be dropout, noise or projection, not {divergence_method!r}")
+        if divergence_method == "dropout" and not 0 <= divergence_strength < 1:
+            raise ValueError(f"a dropout divergence_strength is a probability in [0, 1), not {divergence_strength}")
         if reconciliation_method not in ("average", "confidence", "gated"):
             raise ValueError(f"reconciliation_method must be average, confidence or gated, not {reconciliation_method!r}")
         self.model = model

@@ -6,12 +6,24 @@ Errors are collected as values and raised together, so a user sees every problem
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
 
 Severity = Literal["error", "warning"]
 
 DEFAULT_FILENAME = "<spec>"
+MAX_SHOWN = 50  # diagnostics rendered in full; the rest are counted
+LINE_WINDOW = 200  # characters of a long source line shown around the caret
+
+# The one definition of a line break, used to cut statements and to show source lines alike. Other
+# Unicode separators (\v, \f, \x85, \u2028, …) are not line breaks: the parser skips \f and rejects the rest.
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a spec, cut at \\n, \\r\\n and \\r only."""
+    return LINE_BREAK.split(text)
 
 
 @dataclass(frozen=True)
@@ -51,10 +63,14 @@ class Diagnostic:
         tag = f" [{self.rule}]" if self.rule else ""
         out = [f"{where}: {self.severity}: {self.message}{tag}"]
         if self.source_line is not None and self.line:
-            text = self.source_line.rstrip("\n").expandtabs(1)
+            text = self.source_line.expandtabs(1)
             width = max(1, min(self.end_column, len(text) + 2) - self.column)
-            out.append(f"  {text}")
-            out.append("  " + " " * (self.column - 1) + "^" * width)
+            start = max(0, min(self.column - 1 - LINE_WINDOW // 2, len(text) - LINE_WINDOW))
+            shown = text[start:start + LINE_WINDOW]
+            left, right = ("…" if start else ""), ("…" if start + LINE_WINDOW < len(text) else "")
+            width = min(width, LINE_WINDOW - (self.column - 1 - start))
+            out.append(f"  {left}{shown}{right}")
+            out.append("  " + " " * (len(left) + self.column - 1 - start) + "^" * max(1, width))
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)
@@ -66,7 +82,7 @@ class Source:
     def __init__(self, text: str, filename: str | None = None) -> None:
         self.text = text
         self.filename = filename or DEFAULT_FILENAME
-        self.lines = text.splitlines() or [""]
+        self.lines = split_lines(text)
 
     def line_text(self, line: int) -> str | None:
         return self.lines[line - 1] if 1 <= line <= len(self.lines) else None
@@ -94,15 +110,18 @@ class Source:
         )
 
 
-def render(diagnostics: Iterable[Diagnostic]) -> str:
-    """All diagnostics, in source order, followed by a one-line count."""
+def render(diagnostics: Iterable[Diagnostic], most: int = MAX_SHOWN) -> str:
+    """The first `most` diagnostics in source order, then how many more there are, and a one-line count."""
     diags = sorted(diagnostics, key=lambda d: (d.filename, d.line, d.column))
     if not diags:
         return "no problems found"
     errors = sum(d.is_error for d in diags)
     warnings = len(diags) - errors
     counts = [f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((errors, "error"), (warnings, "warning")) if n]
-    return "\n".join(d.render() for d in diags) + "\n" + ", ".join(counts)
+    shown = [d.render() for d in diags[:most]]
+    if len(diags) > most:
+        shown.append(f"... and {len(diags) - most} more")
+    return "\n".join(shown) + "\n" + ", ".join(counts)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
@@ -114,12 +133,13 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
 class Problem(Exception):
     """One problem at one span, raised inside a stage and turned into a Diagnostic by that stage's loop."""
 
-    def __init__(self, span: Span | None, message: str, hint: str | None = None) -> None:
+    def __init__(self, span: Span | None, message: str, hint: str | None = None, severity: Severity = "error",
+                 rule: str | None = None) -> None:
         super().__init__(message)
-        self.span, self.message, self.hint = span, message, hint
+        self.span, self.message, self.hint, self.severity, self.rule = span, message, hint, severity, rule
 
     def diagnostic(self, source: "Source") -> Diagnostic:
-        return source.diagnostic(self.span, self.message, self.hint)
+        return source.diagnostic(self.span, self.message, self.hint, self.severity, self.rule)
 
 
 class GarageError(Exception):
@@ -127,10 +147,15 @@ class GarageError(Exception):
 
     def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
         self.diagnostics = list(diagnostics)
-        super().__init__(render(self.diagnostics))
+        super().__init__(self.diagnostics)  # rendered only when shown: str() renders
 
     def __str__(self) -> str:
         return render(self.diagnostics)
+
+
+class GarageWarning(UserWarning):
+    """A lint warning about a spec (the blade rules, dead ops, unchecked shapes), issued when compiling so
+    that it shows like other library warnings and can be filtered with the `warnings` module."""
 
 
 class SpecError(GarageError):

@@ -7,14 +7,25 @@ paths always quoted. parse(format(spec)) == spec for every spec.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import singledispatch
 
-from . import ast
+from . import spec as ast
+from .diagnostics import split_lines
 
 
 def format_number(x: float) -> str:
     text = repr(float(x))
     return text[:-2] if text.endswith(".0") else text
+
+
+def format_plain_number(x: float) -> str:
+    """A number without an exponent (`0.00001`, not `1e-05`), as percentages must be written."""
+    text = format_number(x)
+    if "e" not in text:
+        return text
+    plain = format(Decimal(repr(float(x))), "f")
+    return plain.rstrip("0").rstrip(".") if "." in plain else plain
 
 
 def format_string(s: str) -> str:
@@ -39,7 +50,7 @@ def _(sel: ast.NIndex) -> str:
 
 @format_layers.register
 def _(sel: ast.PercentIndex) -> str:
-    return f"{format_number(sel.percent)}%"
+    return f"{format_plain_number(sel.percent)}%"
 
 
 @format_layers.register
@@ -147,5 +158,31 @@ def format_statement(stmt: ast.Statement) -> str:
 
 
 def format_spec(spec: ast.Spec) -> str:
-    """Canonical text of a spec: one statement a line, ending with a newline (empty for an empty spec)."""
-    return "".join(format_statement(stmt) + "\n" for stmt in spec)
+    """Canonical text of a spec: one statement a line, ending with a newline (empty for an empty spec).
+
+    What the source says beyond its meaning is kept: full-line comments, trailing comments (after the
+    last statement of their line, two spaces before the `#`), and blank lines between groups (several
+    become one). Statements that did not come from the source (no line in it) follow in order."""
+    lines = split_lines(spec.source.text) if spec.source.text else []
+    on_line: dict[int, list[str]] = {}
+    unplaced: list[str] = []
+    for stmt in spec:
+        line = stmt.span.line
+        (on_line.setdefault(line, []) if 1 <= line <= len(lines) else unplaced).append(format_statement(stmt))
+    comment_on = {c.line: c.text for c in spec.comments if 1 <= c.line <= len(lines)}
+    out: list[str] = []
+    blank = False
+    for number, raw in enumerate(lines, start=1):
+        statements, comment = on_line.get(number, []), comment_on.get(number)
+        if not statements and comment is None:
+            blank = blank or (not raw.strip() and bool(out))
+            continue
+        if blank:
+            out.append("")
+            blank = False
+        if statements:
+            out += statements[:-1] + [statements[-1] + (f"  {comment}" if comment else "")]
+        else:
+            out.append(comment or "")
+    out += unplaced
+    return "".join(line + "\n" for line in out)

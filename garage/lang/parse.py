@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from functools import lru_cache
 from typing import Iterator
 
@@ -14,7 +15,7 @@ from lark.exceptions import (
     VisitError,
 )
 
-from . import ast
+from . import spec as ast
 from .diagnostics import (
     Diagnostic,
     Problem,
@@ -23,6 +24,7 @@ from .diagnostics import (
     SpecError,
     did_you_mean,
     raise_if_errors,
+    split_lines,
 )
 from .formatter import format_string
 from .to_ast import Chunk, ToAst
@@ -36,13 +38,14 @@ def _parser() -> Lark:
 
 
 # ------------------------------------------------------------------ splitting into statements
-def _statements(text: str) -> Iterator[Chunk]:
-    """Cut text at newlines and `;` that lie outside strings, dropping comments and blank chunks.
+def _statements(text: str, comments: list[ast.Comment] | None = None) -> Iterator[Chunk]:
+    """Cut text at line breaks and `;` that lie outside strings, dropping blank chunks. Comments are left
+    out of the chunks, and appended to `comments` when it is given (the formatter keeps them).
 
-    A string never spans lines (the grammar forbids it), so an unterminated one ends at its newline and
+    A string never spans lines (the grammar forbids it), so an unterminated one ends at its line break and
     the parser reports it there.
     """
-    for line_no, line in enumerate(text.split("\n"), start=1):
+    for line_no, line in enumerate(split_lines(text), start=1):
         start, in_string, escaped = 0, False, False
         for col, ch in enumerate(line):
             if in_string:
@@ -59,6 +62,8 @@ def _statements(text: str) -> Iterator[Chunk]:
                     yield Chunk(line[start:col], line_no, start + 1)
                 start = col + 1
                 if ch == "#":
+                    if comments is not None:
+                        comments.append(ast.Comment(line_no, col + 1, line[col:].rstrip()))
                     start = len(line)
                     break
         if line[start:].strip():
@@ -146,14 +151,19 @@ def _syntax_diagnostic(err: UnexpectedInput, chunk: Chunk, source: Source) -> Di
 
 
 # ------------------------------------------------------------------ entry points
+BOM = "\ufeff"
+
+
 def parse_collect(text: str, filename: str | os.PathLike | None = None) -> tuple[ast.Spec, list[Diagnostic]]:
     """The spec of every statement that parses, and a diagnostic for each that does not."""
     if not isinstance(text, str):
         raise TypeError(f"garage.parse takes spec text (str), not {type(text).__name__}")
+    text = text.removeprefix(BOM)  # an editor's byte-order mark is not part of the spec
     source = Source(text, os.fspath(filename) if filename is not None else None)
     statements: list[ast.Statement] = []
     diagnostics: list[Diagnostic] = []
-    for chunk in _statements(text):
+    comments: list[ast.Comment] = []
+    for chunk in _statements(text, comments):
         try:
             tree = _parser().parse(chunk.text)
             statements.append(ToAst(chunk).transform(tree))
@@ -163,7 +173,11 @@ def parse_collect(text: str, filename: str | os.PathLike | None = None) -> tuple
             if not isinstance(err.orig_exc, Problem):
                 raise
             diagnostics.append(err.orig_exc.diagnostic(source))
-    return ast.Spec(tuple(statements), source), diagnostics
+        except RecursionError:  # lark's parser nests; the AST transformer does not
+            span = Span(chunk.line, chunk.column, chunk.column + len(chunk.text.rstrip()))
+            diagnostics.append(source.diagnostic(span, "statement is nested too deeply to parse",
+                                                 "split it, or name the module by a shorter path"))
+    return ast.Spec(tuple(statements), source, tuple(comments)), diagnostics
 
 
 def parse(text: str, filename: str | os.PathLike | None = None) -> ast.Spec:
@@ -185,17 +199,30 @@ def parse_site(text: str) -> tuple[ast.Site, Source]:
     return statement.site, spec.source
 
 
-def read_spec_file(path: str | os.PathLike) -> str:
-    """The text of a .garage file; an unreadable file is a SpecError naming the file."""
+MAX_SPEC_BYTES = 1 << 20  # a spec is text a person writes; a larger file is a mistake
+
+
+def read_spec_file(path: str | os.PathLike[str]) -> str:
+    """The text of a .garage file; an unreadable file is a SpecError naming the file. Only a regular file
+    is opened (a pipe would block, a device would never end), and at most MAX_SPEC_BYTES are read."""
     name = os.fspath(path)
+
+    def refuse(reason: str, hint: str = "check the path") -> SpecError:
+        return SpecError([Diagnostic("error", f"cannot read spec file: {reason}", name, hint=hint)])
+
     try:
+        info = os.stat(name)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse("not a regular file", "name a .garage file, not a folder, pipe or device")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise refuse(f"{info.st_size:,} bytes is too large for a spec", f"specs are at most {MAX_SPEC_BYTES:,} bytes")
         with open(name, encoding="utf-8") as f:
-            return f.read()
+            return f.read(MAX_SPEC_BYTES + 1)[:MAX_SPEC_BYTES]
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise SpecError([Diagnostic("error", f"cannot read spec file: {reason}", name, hint="check the path")]) from None
+        raise refuse(reason) from None
 
 
-def load(path: str | os.PathLike) -> ast.Spec:
+def load(path: str | os.PathLike[str]) -> ast.Spec:
     """Read a .garage file and parse it."""
     return parse(read_spec_file(path), os.fspath(path))

@@ -9,10 +9,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lark import Token, Transformer, v_args
+from lark import Token, Transformer_NonRecursive, v_args
 from lark.tree import Meta
 
-from . import ast
+from . import spec as ast
 from .diagnostics import Problem, Span
 
 
@@ -57,8 +57,10 @@ Clause = tuple[str, Any, Span]  # a blade or debate clause: (field, value, span)
 
 
 @v_args(meta=True)
-class ToAst(Transformer):
-    """Builds AST nodes from the lark tree of one statement; raises Problem on semantic errors."""
+class ToAst(Transformer_NonRecursive):
+    """Builds AST nodes from the lark tree of one statement; raises Problem on semantic errors.
+
+    Non-recursive, so that deep trees (a module path of hundreds of parts) do not exhaust the stack."""
 
     def __init__(self, chunk: Chunk) -> None:
         super().__init__()
@@ -293,7 +295,13 @@ class ToAst(Transformer):
         return ast.Blade(span=self._span(meta))
 
     def debate(self, meta: Meta, children: list[Any]) -> ast.Debate:
-        return ast.Debate(children[0], **self._clauses(children[1:], meta), span=self._span(meta))
+        clauses = self._clauses(children[1:], meta)
+        strength = clauses.get("strength")
+        if clauses.get("views") == "dropout" and strength is not None and not 0 <= strength < 1:
+            span = next(s for key, _, s in children[1:] if key == "strength")
+            raise Problem(span, f"dropout strength {strength:g} is not a probability in [0, 1)",
+                          "give the share of values each view drops, e.g. strength 0.1")
+        return ast.Debate(children[0], **clauses, span=self._span(meta))
 
     def capture(self, meta: Meta, children: list[Any]) -> ast.Capture:
         return ast.Capture(str(children[0]), self._span(meta))

@@ -6,7 +6,7 @@ May import: torch and garage._compat only.
 
 from .ablate import Ablate
 from .add import Add
-from .base import Op, place
+from .base import Op, place, placement
 from .blade import Blade, ModuleSource, TensorSource
 from .capture import Capture
 from .clamp import Clamp
@@ -19,5 +19,5 @@ from .zero import Zero
 
 __all__ = [
     "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "ModuleSource", "Noise", "Op",
-    "REGISTRY", "Scale", "TensorSource", "Zero", "chamber", "place", "register",
+    "REGISTRY", "Scale", "TensorSource", "Zero", "chamber", "place", "placement", "register",
 ]

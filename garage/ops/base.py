@@ -21,8 +21,13 @@ class Op(nn.Module):
         return ", ".join(parts)
 
 
-def place(module: nn.Module, model: nn.Module) -> nn.Module:
-    """Move an op module onto the model's device, and to its dtype when the model is floating point, so
-    that injected ops compute in the model's own precision."""
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """The model's device, and its dtype when it is floating point: where injected ops must compute."""
     param = next(model.parameters())
-    return module.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
+    return param.device, (param.dtype if param.dtype.is_floating_point else None)
+
+
+def place(module: nn.Module, model: nn.Module) -> nn.Module:
+    """Move an op module onto the model's device and dtype (in place; it returns the module)."""
+    device, dtype = placement(model)
+    return module.to(device=device, dtype=dtype)

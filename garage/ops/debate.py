@@ -40,11 +40,18 @@ class Debate(Op):
 
     def _views(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.views == "dropout":
-            p = float(self.strength)
-            return (nn.functional.dropout(h, p, self.training), nn.functional.dropout(h, p, self.training))
+            return self._dropped(h), self._dropped(h)
         if self.views == "noise":
             return h, h + self.strength * torch.randn_like(h)
         return h, self.projection(h)
+
+    def _dropped(self, h: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout of rate `strength`, in training mode only. Written out (not F.dropout, which
+        takes a Python float) so the rate stays a tensor: a new rate never recompiles, and export works."""
+        if not self.training:
+            return h
+        keep = 1 - self.strength
+        return h * (torch.rand_like(h) < keep).to(h.dtype) / keep
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         a, b = self._views(h)

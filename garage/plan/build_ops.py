@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..lang import ast
-from ..lang.diagnostics import Problem, did_you_mean
+from ..lang import spec as ast
+from ..lang.diagnostics import Problem, Span, did_you_mean
 from .files import FileProblem, LoadedTensor, load_tensor
 from .resolve import Plan, Step
 
@@ -20,8 +21,22 @@ from .resolve import Plan, Step
 class BuildContext:
     hidden: int
     bind: Mapping[str, object] = field(default_factory=dict)
-    base_dir: str | os.PathLike | None = None
+    base_dir: str | os.PathLike[str] | None = None
     captures: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: torch.device | None = None  # where the model's parameters live, and their dtype
+    dtype: torch.dtype | None = None
+
+
+def _owned(module: nn.Module, span: Span, name: str, ctx: BuildContext) -> nn.Module:
+    """A bound module as the op uses it: the user's own object where it already sits on the model's device
+    and dtype, else a copy moved there, so that garage never changes what it is handed."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise Problem(span, f"module '{name}' has parameters on the meta device: it holds no values",
+                      "load its weights (e.g. with load_state_dict(..., assign=True)) before binding it")
+    moves = any((ctx.device is not None and t.device != ctx.device)
+                or (ctx.dtype is not None and t.is_floating_point() and t.dtype != ctx.dtype) for t in tensors)
+    return copy.deepcopy(module) if moves else module
 
 
 def load_value(value: ast.Value, ctx: BuildContext, want: str = "tensor") -> LoadedTensor:
@@ -45,10 +60,17 @@ def _bind_hint(name: str, ctx: BuildContext) -> str:
 
 
 def _float_tensor(tensor: torch.Tensor, value: ast.BladeSource) -> torch.Tensor:
+    """A dense floating tensor with values: sparse layouts are densified, 8-bit floats (which few ops
+    support) are up-cast; meta and non-float tensors are refused at the value's span."""
+    if tensor.is_meta:
+        raise Problem(value.span, f"{_shown(value)} is on the meta device: it holds no values",
+                      "bind or save a tensor with real values")
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
     if not tensor.is_floating_point():
         raise Problem(value.span, f"{_shown(value)} holds {str(tensor.dtype).replace('torch.', '')} values, not floating point",
                       "convert it with .float() before saving or binding it")
-    return tensor
+    return tensor.float() if tensor.element_size() < 2 else tensor
 
 
 def _shown(value: ast.BladeSource) -> str:
@@ -71,7 +93,11 @@ def blade_tensor(source: ast.Value, project: str | None, ctx: BuildContext) -> t
     """A recorded blade, checked for width against the model (or the projection that makes it fit)."""
     loaded = load_value(source, ctx, "tensor or module")
     tensor = _float_tensor(loaded.tensor, source)
-    width = tensor.shape[-1] if tensor.dim() else 1
+    if tensor.dim() == 0 or any(size != 1 for size in tensor.shape[:-1]):
+        raise Problem(source.span, f"blade {_shown(source)} has shape {list(tensor.shape)}; a blade is one vector",
+                      "save the source's hidden state at one layer as a [hidden] vector (e.g. its mean over tokens)")
+    tensor = tensor.reshape(-1)
+    width = tensor.shape[0]
     recorded = loaded.metadata.get("hidden_size")
     if project is None and (width != ctx.hidden or (recorded and recorded.isdigit() and int(recorded) != ctx.hidden)):
         source_width = int(recorded) if recorded and recorded.isdigit() else width
@@ -93,7 +119,7 @@ def _module(op: ast.ModuleOp, ctx: BuildContext) -> nn.Module:
             raise Problem(op.span, f"'{op.name}' is bound to a {type(bound).__name__}, not an nn.Module", "bind a module")
         if op.kwargs:
             raise Problem(op.span, f"'{op.name}' is a bound module instance; it takes no arguments", f"write module {op.name}")
-        return bound
+        return _owned(bound, op.span, op.name, ctx)
     if op.name not in ops.REGISTRY:
         choices = list(ops.REGISTRY) + [str(k) for k in ctx.bind]
         hint = did_you_mean(op.name, choices) or f"built-in and registered modules: {', '.join(sorted(ops.REGISTRY))}; or bind one"
@@ -114,7 +140,8 @@ def _blade(op: ast.Blade, ctx: BuildContext) -> nn.Module:
     assert op.method is not None  # the grammar requires a method before `from`
     bound = ctx.bind.get(op.source.name) if isinstance(op.source, ast.BoundValue) else None
     if isinstance(bound, nn.Module):
-        source: nn.Module = ops.ModuleSource(bound)
+        assert isinstance(op.source, ast.BoundValue)
+        source: nn.Module = ops.ModuleSource(_owned(bound, op.source.span, op.source.name, ctx))
     else:
         tensor, metadata = blade_tensor(op.source, op.project, ctx)
         source = ops.TensorSource(tensor, ctx.hidden, op.project, metadata)

@@ -1,16 +1,26 @@
-"""Tensor files named in specs, loaded without ever executing code: safetensors, or torch.load(weights_only=True)."""
+"""Tensor files named in specs, loaded without ever executing code: safetensors, or torch.load(weights_only=True).
+
+Reads are bounded: only regular files are opened, shapes are read from the file's header (safetensors) or
+its memory-mapped storage (torch's zip format) before any data is, and a tensor larger than
+MAX_ELEMENTS is refused before it is allocated.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import stat
+import zipfile
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import torch
 
 SAFETENSORS = (".safetensors",)
 TORCH_FILES = (".pt", ".pth", ".bin")
+MAX_ELEMENTS = 1 << 28  # 256 M values (1 GiB of float32): far more than any vector or blade needs
+MAX_LISTED = 20  # tensor names listed in a hint
 
 
 class FileProblem(Exception):
@@ -27,57 +37,101 @@ class LoadedTensor:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors metadata, e.g. {"domain": "math"}
 
 
-def resolve_path(path: str, base_dir: str | os.PathLike | None) -> Path:
+def resolve_path(path: str, base_dir: str | os.PathLike[str] | None) -> Path:
     """Relative paths are read from the spec file's folder (or the working folder for spec text)."""
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError as err:  # "~nosuchuser/…"
+        raise FileProblem(f"cannot expand {path}: {err}", "write the full path") from None
     return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+def listing(names: list[str]) -> str:
+    """At most MAX_LISTED names, then how many more."""
+    shown = ", ".join(sorted(names)[:MAX_LISTED]) or "none"
+    return shown + (f", … ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
 
 
 def _choose(names: list[str], key: str | None, shown: str) -> str:
     """The tensor name to read: `key` if given, else the file's only tensor."""
     if key is not None:
         if key not in names:
-            raise FileProblem(f"{shown} has no tensor '{key}'", f"tensors in the file: {', '.join(sorted(names)) or 'none'}")
+            raise FileProblem(f"{shown} has no tensor '{key}'", f"tensors in the file: {listing(names)}")
         return key
     if len(names) != 1:
-        listed = ", ".join(sorted(names)) or "none"
-        raise FileProblem(f"{shown} holds {len(names)} tensors; name one", f'write "{shown}#KEY" with KEY one of: {listed}')
+        raise FileProblem(f"{shown} holds {len(names)} tensors; name one", f'write "{shown}#KEY" with KEY one of: {listing(names)}')
     return names[0]
 
 
-def load_tensor(path: str, key: str | None = None, base_dir: str | os.PathLike | None = None) -> LoadedTensor:
+def _check_size(shape: list[int] | torch.Size, shown: str) -> None:
+    if prod(shape) > MAX_ELEMENTS:
+        raise FileProblem(f"{shown} holds a tensor of shape {list(shape)}, too large for a vector or blade",
+                          f"garage reads tensors of at most {MAX_ELEMENTS:,} values")
+
+
+def _regular_file(full: Path, path: str) -> None:
+    try:
+        mode = full.stat().st_mode
+    except FileNotFoundError:
+        raise FileProblem(f"file not found: {path}",
+                          f"looked for {full}" + ("" if full.is_absolute() else " (relative to the spec)")) from None
+    except OSError as err:
+        raise FileProblem(f"cannot read {path}: {err.strerror or err}", "check the path and its permissions") from None
+    if not stat.S_ISREG(mode):
+        raise FileProblem(f"{path} is not a regular file", "name a tensor file, not a folder, pipe or device")
+
+
+def _safetensors(full: Path, path: str, key: str | None) -> LoadedTensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(full), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            name = _choose(list(f.keys()), key, path)
+            _check_size(f.get_slice(name).get_shape(), path)
+            return LoadedTensor(f.get_tensor(name), metadata)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FileProblem(f"{path} is not a readable safetensors file ({err})", "re-save it with safetensors.torch.save_file") from None
+
+
+def _torch_file(full: Path, path: str, key: str | None) -> LoadedTensor:
+    zipped = zipfile.is_zipfile(full)
+    if zipped:
+        with zipfile.ZipFile(full) as archive:
+            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                raise FileProblem(f"refused to load {path}: its data is compressed, which torch.save never does",
+                                  "save the tensor again with torch.save, or with safetensors.torch.save_file")
+    try:  # memory-mapped: a tensor's data is read only when it is used, after its shape was checked
+        obj = torch.load(str(full), map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as err:
+        raise FileProblem(
+            f"refused to load {path}: it holds Python objects that would run code when unpickled",
+            "garage loads only plain tensors; save the tensor with safetensors.torch.save_file or torch.save(tensor)",
+        ) from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise FileProblem(f"{path} is not a readable torch file ({err})", "save it with torch.save(tensor)") from None
+    if isinstance(obj, torch.Tensor):
+        if key is not None:
+            raise FileProblem(f"{path} holds a single tensor, not a dict with '{key}'", f'write "{path}" without #{key}')
+        tensor = obj
+    elif isinstance(obj, dict):
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        tensor = tensors[_choose(list(tensors), key, path)]
+    else:
+        raise FileProblem(f"{path} holds a {type(obj).__name__}, not a tensor", "save a tensor or a dict of tensors")
+    _check_size(tensor.shape, path)
+    return LoadedTensor(tensor.clone())  # off the memory map, so the file is not held open
+
+
+def load_tensor(path: str, key: str | None = None, base_dir: str | os.PathLike[str] | None = None) -> LoadedTensor:
     """The one tensor in a file (or the one named `key`). Raises FileProblem with a fix in its hint."""
     full = resolve_path(path, base_dir)
-    if not full.is_file():
-        raise FileProblem(f"file not found: {path}", f"looked for {full}" + ("" if full.is_absolute() else " (relative to the spec)"))
+    _regular_file(full, path)
     suffix = full.suffix.lower()
     if suffix in SAFETENSORS:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(full), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                return LoadedTensor(f.get_tensor(_choose(list(f.keys()), key, path)), metadata)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise FileProblem(f"{path} is not a readable safetensors file ({err})", "re-save it with safetensors.torch.save_file") from None
+        return _safetensors(full, path, key)
     if suffix in TORCH_FILES:
-        try:
-            obj = torch.load(str(full), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise FileProblem(
-                f"refused to load {path}: it holds Python objects that would run code when unpickled",
-                "garage loads only plain tensors; save the tensor with safetensors.torch.save_file or torch.save(tensor)",
-            ) from err
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
-            raise FileProblem(f"{path} is not a readable torch file ({err})", "save it with torch.save(tensor)") from None
-        if isinstance(obj, torch.Tensor):
-            if key is not None:
-                raise FileProblem(f"{path} holds a single tensor, not a dict with '{key}'", f'write "{path}" without #{key}')
-            return LoadedTensor(obj)
-        if isinstance(obj, dict):
-            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-            return LoadedTensor(tensors[_choose(list(tensors), key, path)])
-        raise FileProblem(f"{path} holds a {type(obj).__name__}, not a tensor", "save a tensor or a dict of tensors")
+        return _torch_file(full, path, key)
     raise FileProblem(
         f"{path}: unsupported file type '{suffix or 'none'}'",
         "use a .safetensors file (or .pt/.pth/.bin saved with torch.save)",

@@ -14,7 +14,7 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from ..lang import ast
+from ..lang import spec as ast
 from ..lang.diagnostics import (
     Diagnostic,
     GarageError,
@@ -24,7 +24,7 @@ from ..lang.diagnostics import (
     ValidationError,
 )
 from ..lang.parse import parse_collect, parse_site, read_spec_file
-from ..ops import place
+from ..ops import place, placement
 from .archs import ModelInfo
 from .build_ops import BuildContext, build_op, capture_keys
 from .resolve import ConcreteSite, Plan, concrete_sites, resolve_collect
@@ -78,12 +78,12 @@ class Prepared:
     def diagnostics(self) -> list[Diagnostic]:
         return [d for ds in self.stages.values() for d in ds]
 
-    def raise_if_errors(self) -> list[nn.Module]:
-        """Raise every diagnostic at once, as the error type of the earliest stage that failed; else the
-        op modules, every one built."""
+    def raise_if_errors(self, cause: BaseException | None = None) -> list[nn.Module]:
+        """Raise every diagnostic at once, as the error type of the earliest stage that failed (chained to
+        `cause`, the underlying error, when there is one); else the op modules, every one built."""
         for error_type, diags in self.stages.items():
             if any(d.is_error for d in diags):
-                raise error_type(self.diagnostics)
+                raise error_type(self.diagnostics) from cause
         return [m for m in self.modules if m is not None]
 
 
@@ -92,7 +92,8 @@ def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None 
     spec, syntax = spec_and_syntax(spec)
     info = ModelInfo.from_model(model)
     plan, unresolved = resolve_collect(spec, info)
-    ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec))
+    device, dtype = placement(model)
+    ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec), device=device, dtype=dtype)
     modules: list[nn.Module | None] = []
     unbuilt: list[Diagnostic] = []
     failed: set[int] = set()

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from torch import nn
 
-from ..lang import ast
+from ..lang import spec as ast
 from ..lang.diagnostics import (
     Diagnostic,
     Problem,

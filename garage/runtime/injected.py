@@ -16,9 +16,11 @@ from torch.fx import GraphModule
 from ..fx.export import (
     SCORING,
     Signature,
+    TraceFailure,
     base_graph,
     model_device,
     signature,
+    trace_diagnostic,
     vocab_size,
 )
 from ..fx.locate import SiteNotFound
@@ -90,6 +92,8 @@ class InjectedModel(nn.Module):
             except SiteNotFound as err:
                 raise ValidationError([Diagnostic("error", f"cannot place the spec in the {kind} graph: {err}",
                                                   self.plan.spec.filename, hint="name another site")]) from None
+            except TraceFailure as failure:
+                raise ValidationError([trace_diagnostic(failure, self.plan.spec.filename, kind)]) from failure.__cause__
             self._runners[kind] = self._maybe_compiled(self._graphs[kind].graph_module,
                                                        "scoring" if kind == "unpadded" else kind)
         return self._runners[kind]

@@ -275,11 +275,21 @@ Statement = Union[At, Expect]
 
 
 @dataclass(frozen=True)
+class Comment:
+    """`# …` to the end of a line: not part of the meaning, but kept so that formatting loses nothing."""
+
+    line: int
+    column: int
+    text: str
+
+
+@dataclass(frozen=True)
 class Spec:
-    """A parsed spec: its statements in file order, and the source they came from."""
+    """A parsed spec: its statements in file order, the source they came from, and its comments."""
 
     statements: tuple[Statement, ...]
     source: Source = field(default_factory=lambda: Source(""), compare=False, repr=False)
+    comments: tuple[Comment, ...] = field(default=(), compare=False, repr=False)
 
     def __iter__(self) -> Iterator[Statement]:
         return iter(self.statements)

@@ -1,0 +1,93 @@
+"""Deliberate mutations of garage's maths: the test suite must fail for every one of them.
+
+    python tests/mutations.py            # every mutation (about 10 minutes on 2 cores)
+    python tests/mutations.py ablate     # the mutations whose name contains "ablate"
+
+Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
+runs the tests that hold garage's maths to independent references, and reports whether they failed. The
+exit status is 1 if any mutation survives. It is kept out of the default test run because it is slow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py"]
+
+# name → (file, the exact text to change, what to change it to)
+MUTATIONS: dict[str, tuple[str, str, str]] = {
+    "scale formula": ("garage/ops/scale.py", "return h * self.factor", "return h * self.factor * 1.01"),
+    "add formula": ("garage/ops/add.py", "return h + self.factor * self.vector",
+                    "return h + self.factor * self.vector * 0.9"),
+    "ablate removes half": ("garage/ops/ablate.py", "return h - (h @ self.unit).unsqueeze(-1) * self.unit",
+                            "return h - 0.5 * (h @ self.unit).unsqueeze(-1) * self.unit"),
+    "zero leaks": ("garage/ops/zero.py", "return torch.zeros_like(h)", "return h * 1e-3"),
+    "clamp bound": ("garage/ops/clamp.py", "self.high.to(h.dtype))", "2 * self.high.to(h.dtype))"),
+    "noise std": ("garage/ops/noise.py", "return h + self.std * torch.randn_like(h)",
+                  "return h + 2 * self.std * torch.randn_like(h)"),
+    "blade alpha": ("garage/ops/blade.py", "return h + self.alpha * b", "return h + b"),
+    "blade gate": ("garage/ops/blade.py", "b = torch.sigmoid(self.gate(h)) * b", "b = torch.sigmoid(self.gate(h) + 1) * b"),
+    "blade topk order": ("garage/ops/blade.py", "blade = blade[..., keep]", "blade = blade[..., keep.flip(0)]"),
+    "debate average": ("garage/ops/debate.py", "return (a + b) / 2", "return (a + b) / 2.5"),
+    "debate gate": ("garage/ops/debate.py", "return g * a + (1 - g) * b", "return g * a + (1 - g) * b * 0.9"),
+    "capture copy": ("garage/ops/capture.py", "self.store[self.key] = h.detach()",
+                     "self.store[self.key] = h.detach() * 1.01"),
+    "layer off by one": ("garage/plan/resolve.py", "value = expr.value + n if expr.value < 0 else expr.value",
+                         "value = expr.value + n if expr.value < 0 else min(expr.value + 1, n - 1)"),
+    "position start": ("garage/ops/positions.py", "sel = real & (pos >= start)", "sel = real & (pos > start)"),
+    "last position": ("garage/ops/positions.py", "expand(batch, seq) == seq - 1", "expand(batch, seq) >= seq - 2"),
+    "block input order": ("garage/fx/rewrite.py", "2 * order[node.name] + (site.kind == \"in\")",
+                          "2 * order[node.name] - (site.kind == \"in\")"),
+}
+
+
+def tracked_copy(into: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        source = ROOT / name
+        if source.is_file() and not source.is_symlink():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+    return into
+
+
+def survives(name: str, tree: Path) -> tuple[bool, float]:
+    """Whether the tests still pass with this mutation applied (True is bad), and how long they took."""
+    path, old, new = MUTATIONS[name]
+    target = tree / path
+    original = target.read_text(encoding="utf-8")
+    if original.count(old) != 1:
+        raise SystemExit(f"mutation {name!r}: {old!r} is not found exactly once in {path}; update this script")
+    target.write_text(original.replace(old, new), encoding="utf-8")
+    start = time.perf_counter()
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
+                              *TESTS], cwd=tree, capture_output=True, text=True)
+    finally:
+        target.write_text(original, encoding="utf-8")
+    return run.returncode == 0, time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    chosen = [n for n in MUTATIONS if not argv or any(word in n for word in argv)]
+    with tempfile.TemporaryDirectory() as folder:
+        tree = tracked_copy(Path(folder))
+        alive = []
+        for name in chosen:
+            survived, seconds = survives(name, tree)
+            print(f"{'SURVIVED' if survived else 'caught  '}  {name:20}  {seconds:5.1f} s", flush=True)
+            if survived:
+                alive.append(name)
+    print(f"{len(chosen) - len(alive)} of {len(chosen)} mutations caught")
+    return 1 if alive else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
