@@ -102,9 +102,11 @@ def run_both(model: nn.Module, spec: str, seed: int) -> tuple[torch.Tensor, torc
     torch.manual_seed(1000 + seed)
     graph_out = logits(inj(**inputs))
     graph_captures = dict(inj.captures)
+    inj.captures.clear()  # the hook run must record its own values
     with attach(model, [s.site for s in inj.plan], list(inj.ops)):
         torch.manual_seed(1000 + seed)
         hook_out = logits(model(**inputs))
+    assert set(graph_captures) == set(inj.captures)
     for key, value in graph_captures.items():
         assert torch.allclose(value, inj.captures[key], rtol=1e-5, atol=1e-6), key
     return graph_out, hook_out, inj

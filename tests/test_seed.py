@@ -92,13 +92,52 @@ GUIDE = {
 }
 
 
+def scaled(factor: float):
+    """A reference hook: the block's output (a tensor, or the first item of a tuple) times `factor`."""
+    def hook(_module, _args, out):
+        return (out[0] * factor, *out[1:]) if isinstance(out, tuple) else out * factor
+    return hook
+
+
+def mapped(module: nn.Module):
+    def hook(_module, _args, out):
+        return (module(out[0]), *out[1:]) if isinstance(out, tuple) else module(out)
+    return hook
+
+
+def expected_output(snippet: str, namespace: dict):
+    """What the snippet's `output` must be, computed with hooks written here on GPT-2's own module paths."""
+    model, ids = namespace["model"], namespace["input_ids"]
+    blocks = model.transformer.h
+    hooks = {
+        "scaling": [(blocks[6], scaled(0.9))],
+        "custom": [],  # ActivationNoise adds noise in training mode only: eval output is the plain model's
+        "multiple": [(blocks[4], scaled(1.1)), (blocks[8], scaled(0.85)), (blocks[6], mapped(namespace.get("my_adapter")))],
+    }[snippet]
+    handles = [block.register_forward_hook(hook) for block, hook in hooks]
+    try:
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=20) if snippet == "scaling" else model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.parametrize("snippet", sorted(GUIDE))
 def test_the_guide_runs_on_garage(saved_gpt2, snippet):
     namespace = {"MODEL": saved_gpt2}
     exec(textwrap.dedent(GUIDE[snippet]), namespace)
     model = namespace["model"]
     assert state(model)[1] == 0  # every hook is gone after the with block
-    assert namespace["output"] is not None
+    output, ids = namespace["output"], namespace["input_ids"]
+    if snippet == "debate":  # its chamber's views are random projections: check what the guide promises
+        assert output.shape == (1, ids.shape[1] + 50) and torch.equal(output[:, : ids.shape[1]], ids)
+        return
+    want = expected_output(snippet, namespace)
+    if snippet == "scaling":
+        assert torch.equal(output, want)
+    else:
+        assert torch.allclose(output.logits, want.logits, atol=1e-5)
 
 
 def test_guide_scaling_under_generate_is_the_compiled_spec(saved_gpt2):
