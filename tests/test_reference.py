@@ -113,17 +113,22 @@ def out_of(result: object) -> torch.Tensor:
 
 
 def reference(model: nn.Module, inputs: dict[str, torch.Tensor], path: str, formula: Formula,
-              site_input: bool = False) -> torch.Tensor:
-    target = module(model, path)
-    if site_input:
-        handle = target.register_forward_pre_hook(on_input(formula), with_kwargs=True)
-    else:
-        handle = target.register_forward_hook(on_output(formula))
+              site_input: bool = False, *more: tuple[str, Formula, bool]) -> torch.Tensor:
+    """The model's output with `formula` applied at the output (or input) of the module at `path`, and
+    likewise for each (path, formula, site_input) in `more`."""
+    handles = []
+    for where, what, at_input in ((path, formula, site_input), *more):
+        target = module(model, where)
+        if at_input:
+            handles.append(target.register_forward_pre_hook(on_input(what), with_kwargs=True))
+        else:
+            handles.append(target.register_forward_hook(on_output(what)))
     try:
         with torch.no_grad():
             return out_of(model(**inputs))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -169,6 +174,20 @@ def test_sites_are_where_the_table_says(arch, site):
         with torch.no_grad():
             got = out_of(garage.compile(model, spec, bind=t)(**inputs))
         assert close(got, reference(model, inputs, path, formula, site_input)), (name, site, seed)
+
+
+def test_a_block_input_sees_the_previous_blocks_ops(arch):
+    """h.2.in is block 1's output as block 2 receives it: ops there run after ops at h.1, whatever the
+    order of the statements."""
+    name, model = arch
+    blocks = PATHS[name][0]
+    for seed in SEEDS:
+        t, inputs = tensors(seed), batch(seed)
+        with torch.no_grad():
+            got = out_of(garage.compile(model, "at h.2.in scale -2; at h.1 add v * 0.5", bind=t)(**inputs))
+        want = reference(model, inputs, f"{blocks}.1", lambda h: h + 0.5 * t["v"], False,
+                         (f"{blocks}.2", lambda h: -2 * h, True))
+        assert close(got, want), (name, seed)
 
 
 def at_positions(formula: Formula, inputs: dict[str, torch.Tensor], last: bool = False,
