@@ -13,6 +13,7 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
 library's import paths. Private torch and transformers APIs are used only in `_compat`.
 """
 
+from . import analyze, vectors
 from ._version import __version__
 from .check.validate import Report, check
 from .compiler import compile, hook
@@ -50,6 +51,7 @@ __all__ = [
     "Step",
     "ValidationError",
     "__version__",
+    "analyze",
     "check",
     "compile",
     "format",
@@ -59,4 +61,5 @@ __all__ = [
     "parse",
     "register",
     "resolve",
+    "vectors",
 ]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
+from . import vectors
 from ._version import __version__
 from .analyze import compare, effect_table
 from .check.validate import check
@@ -54,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--seed", type=int, default=0, help="seed for built-in models and sampling (default: 0)")
     run.add_argument("--compile", action="store_true", help="torch.compile the injected graphs (slow to start)")
+    vector = sub.add_parser("vector", help="make a steering vector from contrasting prompts (safetensors)")
+    vector.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder, or built-in; default {DEFAULT_MODEL}")
+    vector.add_argument("--site", default="h.10", help="the one site to read, e.g. h.10 or N-4 (default: h.10)")
+    vector.add_argument("--pos", action="append", default=[], metavar="TEXT", help="a positive prompt (repeatable)")
+    vector.add_argument("--neg", action="append", default=[], metavar="TEXT", help="a negative prompt (repeatable)")
+    vector.add_argument("--pos-file", type=Path, metavar="FILE", help="positive prompts, one a line")
+    vector.add_argument("--neg-file", type=Path, metavar="FILE", help="negative prompts, one a line")
+    vector.add_argument("--reduce", choices=("mean", "last"), default="mean",
+                        help="each prompt's state: the mean over its tokens, or its last token (default: mean)")
+    vector.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
     fmt = sub.add_parser("fmt", help="print a spec in canonical form")
     _add_spec(fmt, with_model=False)
     fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not already canonical")
@@ -134,6 +145,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prompts(texts: list[str], path: Path | None) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines() if path is not None else []
+    return [*texts, *(line for line in lines if line.strip())]
+
+
+def _cmd_vector(args: argparse.Namespace) -> int:
+    positive, negative = _prompts(args.pos, args.pos_file), _prompts(args.neg, args.neg_file)
+    if not positive or not negative:
+        raise ValueError("give positive and negative prompts: --pos/--pos-file and --neg/--neg-file")
+    _progress(f"loading {args.model} ...")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    _progress(f"reading {args.site} on {len(positive)} positive and {len(negative)} negative prompts ...")
+    vector = vectors.contrast(model, tokenizer, positive, negative, site=args.site, reduce=args.reduce)
+    made = vectors.metadata(model, args.site, len(positive) + len(negative), args.reduce)
+    path = vectors.save(args.output, vector, **made, source_model=args.model)
+    print(f"{path}: [{vector.shape[0]}] at {made['site']}, norm {vector.norm():.4g}")
+    return EXIT_OK
+
+
 def _cmd_fmt(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     text = format_spec(spec)
@@ -143,7 +173,7 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "fmt": _cmd_fmt}
+COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "vector": _cmd_vector, "fmt": _cmd_fmt}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,23 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
                 domains.setdefault(domain, step)
 
 
+def vector_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:
+    """Warnings: a steering vector used on another model type, or at another layer, than it was made at
+    (as its file records; its hidden size is checked when it is loaded)."""
+    for step, module in zip(plan, modules):
+        inner = module.inner if isinstance(module, ops.AtPositions) else module
+        if not isinstance(inner, (ops.Add, ops.Ablate)) or not inner.metadata:
+            continue
+        made = inner.metadata
+        if made.get("model_type") and made["model_type"] != plan.info.model_type:
+            yield Finding(step, f"this vector was made on a {made['model_type']} model, not {plan.info.model_type}",
+                          "make it on this model: garage vector --model …", "vector-model")
+        layer = made.get("layer", "")
+        if layer.isdigit() and step.site.layer is not None and int(layer) != step.site.layer:
+            yield Finding(step, f"this vector was made at layer {layer} ({made.get('site', '?')}) but is used at "
+                          f"layer {step.site.layer}", f"use it at h.{layer}, or make one at this layer", "vector-layer")
+
+
 def dedupe(findings: Iterator[Finding]) -> list[Finding]:
     """One finding per statement and message kind: a statement over 12 layers warns once, not 12 times."""
     seen: set[tuple[int, str | None, str]] = set()

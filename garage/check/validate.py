@@ -19,7 +19,14 @@ from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject, site_location
 from ..lang.diagnostics import Diagnostic, Problem, Severity, ValidationError, render
 from ..plan.prepare import Prepared, SpecLike, prepare
-from .lints import Finding, blade_findings, dead_op_findings, dedupe, graph_findings
+from .lints import (
+    Finding,
+    blade_findings,
+    dead_op_findings,
+    dedupe,
+    graph_findings,
+    vector_findings,
+)
 from .shapes import check_module, user_module
 
 
@@ -94,7 +101,8 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic
 def validate(model: nn.Module, prepared: Prepared) -> Validated:
     """Add the graph checks and lints to what preparing found; every diagnostic, and the checked graph."""
     found, graph, cause = _graph_checks(model, prepared) if prepared.plan.steps else ([], None, None)
-    lints = dedupe(iter([*dead_op_findings(prepared.plan), *blade_findings(prepared.plan, prepared.modules)]))
+    plan, modules = prepared.plan, prepared.modules
+    lints = dedupe(iter([*dead_op_findings(plan), *blade_findings(plan, modules), *vector_findings(plan, modules)]))
     found += [_diagnostic(prepared, f) for f in lints]
     prepared.stages.setdefault(ValidationError, []).extend(found)
     diagnostics = sorted(prepared.diagnostics, key=lambda d: (d.line, d.column, not d.is_error))

@@ -95,7 +95,7 @@ class LayerInjector:
         return self._add("scaling", layer, ops.Scale(scale), f"scale {float(scale)!r}", name)
 
     def inject_additive(self, layer: str | int, vector: torch.Tensor, scale: float = 1.0, name: str | None = None) -> str:
-        return self._add("additive", layer, ops.Add(vector, scale), f"add {{ident}} * {float(scale)!r}", name, bound=vector)
+        return self._add("additive", layer, ops.Add(vector, factor=scale), f"add {{ident}} * {float(scale)!r}", name, bound=vector)
 
     def inject_noise(self, layer: str | int, std: float = 0.01, name: str | None = None, always: bool = False) -> str:
         """Gaussian noise in training mode (or always, if asked): the seed left it on in eval mode."""

@@ -10,8 +10,9 @@ class Ablate(Op):
 
     unit: torch.Tensor
 
-    def __init__(self, direction: torch.Tensor) -> None:
+    def __init__(self, direction: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.metadata = dict(metadata or {})  # what the direction's file records
         v = direction.detach().reshape(-1).to(torch.float64)
         norm = v.norm()
         if norm == 0:

@@ -11,8 +11,9 @@ class Add(Op):
     vector: torch.Tensor
     factor: torch.Tensor
 
-    def __init__(self, vector: torch.Tensor, factor: float = 1.0) -> None:
+    def __init__(self, vector: torch.Tensor, metadata: dict[str, str] | None = None, factor: float = 1.0) -> None:
         super().__init__()
+        self.metadata = dict(metadata or {})  # what the vector's file records, e.g. the layer it was made at
         self.register_buffer("vector", vector.detach().clone().reshape(-1))
         self.scalar("factor", factor)
 

@@ -77,16 +77,22 @@ def _shown(value: ast.BladeSource) -> str:
     return f"'{value.name}'" if isinstance(value, ast.BoundValue) else value.path
 
 
-def vector(value: ast.Value, ctx: BuildContext) -> torch.Tensor:
-    """A [hidden] vector for add/ablate, checked against the model's hidden size (the Same-Dimension rule)."""
-    tensor = _float_tensor(load_value(value, ctx).tensor, value)
+def vector(value: ast.Value, ctx: BuildContext) -> tuple[torch.Tensor, dict[str, str]]:
+    """A [hidden] vector for add/ablate, checked against the model's hidden size (the Same-Dimension rule),
+    and the metadata its file records (a steering vector's provenance, read by the lints)."""
+    loaded = load_value(value, ctx)
+    tensor = _float_tensor(loaded.tensor, value)
+    recorded = loaded.metadata.get("hidden_size", "")
+    if recorded.isdigit() and int(recorded) != ctx.hidden:
+        raise Problem(value.span, f"{_shown(value)} was made on a model of hidden size {recorded}, but this "
+                      f"model's is {ctx.hidden}", "make the vector on this model (garage vector --model …)")
     if tensor.numel() != ctx.hidden:
         raise Problem(
             value.span,
             f"{_shown(value)} has {tensor.numel()} values {list(tensor.shape)} but this model's hidden size is {ctx.hidden}",
             f"use a [{ctx.hidden}] vector (the Same-Dimension rule), or a blade with `project topk` or `project linear`",
         )
-    return tensor.reshape(ctx.hidden)
+    return tensor.reshape(ctx.hidden), loaded.metadata
 
 
 def blade_tensor(source: ast.Value, project: str | None, ctx: BuildContext) -> tuple[torch.Tensor, dict[str, str]]:
@@ -149,17 +155,17 @@ def _blade(op: ast.Blade, ctx: BuildContext) -> nn.Module:
 
 
 def _ablate(op: ast.Ablate, ctx: BuildContext) -> nn.Module:
-    direction = vector(op.value, ctx)
+    direction, metadata = vector(op.value, ctx)
     if not direction.abs().sum() > 0:
         raise Problem(op.value.span, f"{_shown(op.value)} is a zero vector: it has no direction to ablate",
                       "give a non-zero direction")
-    return ops.Ablate(direction)
+    return ops.Ablate(direction, metadata)
 
 
 # Each builder takes its own AST node type (the key); `Any` because a dict cannot say so per entry.
 _BUILDERS: dict[type, Callable[[Any, BuildContext], nn.Module]] = {
     ast.Scale: lambda op, ctx: ops.Scale(op.factor),
-    ast.Add: lambda op, ctx: ops.Add(vector(op.value, ctx), 1.0 if op.factor is None else op.factor),
+    ast.Add: lambda op, ctx: ops.Add(*vector(op.value, ctx), factor=1.0 if op.factor is None else op.factor),
     ast.Ablate: lambda op, ctx: _ablate(op, ctx),
     ast.Zero: lambda op, ctx: ops.Zero(),
     ast.Clamp: lambda op, ctx: ops.Clamp(op.low, op.high),
