@@ -138,7 +138,11 @@ def test_files_that_are_not_regular_are_named_so(model, tmp_path):
     os.mkfifo(fifo)
     (diagnostic,) = errors_of(garage.compile, model, f'at h.1 add "{fifo}"')
     assert "not a regular file" in diagnostic.message
-    (diagnostic,) = errors_of(garage.compile, model, 'at h.1 add "/dev/zero.pt"')
+    device = tmp_path / "zero.pt"
+    device.symlink_to("/dev/zero")  # a character device behind a tensor file's name
+    (diagnostic,) = errors_of(garage.compile, model, f'at h.1 add "{device}"')
+    assert "not a regular file" in diagnostic.message
+    (diagnostic,) = errors_of(garage.compile, model, f'at h.1 add "{tmp_path / "missing.pt"}"')
     assert "not found" in diagnostic.message
 
 
@@ -204,6 +208,8 @@ class Widen(nn.Module):
 def test_fake_tensor_limits_warn_and_real_shape_errors_stay_errors(model):
     report = garage.check(model, "at h.1 module g", bind={"g": Gate()})
     assert report.ok and [w.rule for w in report.warnings] == ["unchecked-shape"]
+    everywhere = garage.check(model, "at h.* module g", bind={"g": Gate()})  # one warning, not one a layer
+    assert [w.rule for w in everywhere.warnings] == ["unchecked-shape"]
     with pytest.warns(garage.GarageWarning, match="could not be checked"):
         inj = garage.compile(model, "at h.1 module g", bind={"g": Gate()})
     ids = torch.randint(3, 100, (2, 5))

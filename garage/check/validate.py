@@ -90,6 +90,7 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic
             check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span)
         except Problem as problem:
             out.append(problem.diagnostic(source))
+    out = list(dict.fromkeys(out))  # a statement over many layers reports the same problem once
     modules = [m for m in prepared.modules if m is not None]
     if any(d.is_error for d in out) or len(modules) != len(prepared.modules):
         return out, None, None

@@ -173,10 +173,6 @@ def parse_collect(text: str, filename: str | os.PathLike | None = None) -> tuple
             if not isinstance(err.orig_exc, Problem):
                 raise
             diagnostics.append(err.orig_exc.diagnostic(source))
-        except RecursionError:  # lark's parser nests; the AST transformer does not
-            span = Span(chunk.line, chunk.column, chunk.column + len(chunk.text.rstrip()))
-            diagnostics.append(source.diagnostic(span, "statement is nested too deeply to parse",
-                                                 "split it, or name the module by a shorter path"))
     return ast.Spec(tuple(statements), source, tuple(comments)), diagnostics
 
 

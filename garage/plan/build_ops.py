@@ -73,6 +73,12 @@ def _float_tensor(tensor: torch.Tensor, value: ast.BladeSource) -> torch.Tensor:
     return tensor.float() if tensor.element_size() < 2 else tensor
 
 
+def recorded_hidden(loaded: LoadedTensor) -> int | None:
+    """The hidden size of the model a file's tensor was made on, when its metadata records one."""
+    recorded = loaded.metadata.get("hidden_size", "")
+    return int(recorded) if recorded.isdigit() else None
+
+
 def _shown(value: ast.BladeSource) -> str:
     return f"'{value.name}'" if isinstance(value, ast.BoundValue) else value.path
 
@@ -82,8 +88,8 @@ def vector(value: ast.Value, ctx: BuildContext) -> tuple[torch.Tensor, dict[str,
     and the metadata its file records (a steering vector's provenance, read by the lints)."""
     loaded = load_value(value, ctx)
     tensor = _float_tensor(loaded.tensor, value)
-    recorded = loaded.metadata.get("hidden_size", "")
-    if recorded.isdigit() and int(recorded) != ctx.hidden:
+    recorded = recorded_hidden(loaded)
+    if recorded is not None and recorded != ctx.hidden:
         raise Problem(value.span, f"{_shown(value)} was made on a model of hidden size {recorded}, but this "
                       f"model's is {ctx.hidden}", "make the vector on this model (garage vector --model …)")
     if tensor.numel() != ctx.hidden:
@@ -104,9 +110,9 @@ def blade_tensor(source: ast.Value, project: str | None, ctx: BuildContext) -> t
                       "save the source's hidden state at one layer as a [hidden] vector (e.g. its mean over tokens)")
     tensor = tensor.reshape(-1)
     width = tensor.shape[0]
-    recorded = loaded.metadata.get("hidden_size")
-    if project is None and (width != ctx.hidden or (recorded and recorded.isdigit() and int(recorded) != ctx.hidden)):
-        source_width = int(recorded) if recorded and recorded.isdigit() else width
+    recorded = recorded_hidden(loaded)
+    if project is None and (width != ctx.hidden or (recorded is not None and recorded != ctx.hidden)):
+        source_width = width if recorded is None else recorded
         raise Problem(
             source.span,
             f"blade {_shown(source)} comes from a source with hidden size {source_width}, but this model's is {ctx.hidden}",
