@@ -1,8 +1,9 @@
-"""Every use of a private (underscored or undocumented) torch or transformers API, in one place.
+"""Every use of a private (underscored or undocumented) torch or transformers API, but one.
 
 garage leans on a few internals that have no public equivalent. Each is wrapped here with the versions it
 was checked on and what breaks if it changes, so that a new torch or transformers release means reading
-one file. Checked on torch 2.13.0 and transformers 5.24.0 (the versions pyproject.toml admits). The test
+this file, and `_graph_format.py` (the on-disk form of exported graphs, which rebuilds fake tensors and
+symbolic sizes). Checked on torch 2.13.0 and transformers 5.24.0 (the versions pyproject.toml admits). The test
 suite exercises every function below; a change in any of them fails it.
 
 May import: torch and transformers only (no garage module), so that every stage can import it.
@@ -190,12 +191,6 @@ def mask_skipping_allowed() -> Iterator[None]:
         masking_utils.is_torchdynamo_exporting = saved
 
 
-def cache_from_flat(past: Sequence[torch.Tensor]) -> DynamicCache:
-    """A DynamicCache from flat (k0, v0, k1, v1, …) tensors, by transformers 5's list-of-pairs constructor
-    (checked on 5.24). If it changes, the prefill graph fails to export, and generation tests fail."""
-    return DynamicCache(list(zip(past[0::2], past[1::2]))) if past else DynamicCache()
-
-
 def flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
     """(k0, v0, k1, v1, …) of a DynamicCache: `cache.layers[i].keys / .values` (checked on 5.24)."""
     layers: list[Any] = list(cache.layers)
@@ -203,11 +198,11 @@ def flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
 
 
 class SlotLayer(DynamicLayer):
-    """A preallocated cache layer, written in place at `slot` (a 1-element tensor) instead of grown.
+    """A preallocated cache layer, written in place at `slot` (one cache index per new token) instead of grown.
 
     Overrides DynamicLayer's `update`, `get_seq_length` and `get_mask_sizes` and sets its `keys`,
     `values`, `is_initialized`, `dtype` and `device` fields (checked on transformers 5.24). If the layer
-    protocol changes, the decode graph fails to export, and generation tests fail."""
+    protocol changes, the step graph fails to export, and generation tests fail."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -233,7 +228,7 @@ class SlotLayer(DynamicLayer):
 
 def slot_cache(past: Sequence[torch.Tensor], slot: torch.Tensor) -> DynamicCache:
     """A cache over preallocated (k0, v0, k1, v1, …) buffers, written in place at `slot`, made by setting
-    `DynamicCache.layers` (checked on transformers 5.24). If that attribute goes, the decode graph fails
+    `DynamicCache.layers` (checked on transformers 5.24). If that attribute goes, the step graph fails
     to export, and generation tests fail."""
     cache = DynamicCache()
     cache.layers = [SlotLayer(k, v, slot) for k, v in zip(past[0::2], past[1::2])]

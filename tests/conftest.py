@@ -18,3 +18,17 @@ def gpt2_12() -> GPT2LMHeadModel:
 @pytest.fixture(scope="session")
 def gpt2_32() -> GPT2LMHeadModel:
     return tiny_gpt2(32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests never read or write the user's garage cache: each session gets an empty one."""
+    import os
+
+    old = os.environ.get("GARAGE_CACHE")
+    os.environ["GARAGE_CACHE"] = str(tmp_path_factory.mktemp("garage-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GARAGE_CACHE", None)
+    else:
+        os.environ["GARAGE_CACHE"] = old

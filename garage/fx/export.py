@@ -1,7 +1,8 @@
 """Model → base GraphModule, by torch.export (non-strict) with dynamic batch and sequence.
 
 Tracing costs seconds, so graphs are cached per model, kind (an input signature, or a step kind) and the
-model's mode, device and dtype: compiling a second spec on the same model reuses the graph. The user's
+model's mode, device and dtype: compiling a second spec on the same model reuses the graph. They are also
+kept on disk (`fx.disk`), so that a new process loads them in a fraction of a second. The user's
 model is left exactly as it was: the config's `use_cache` is set, and hooks on the model are set aside,
 only for the duration of the export.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import threading
+import time
 import traceback
 import weakref
 from typing import Any, Callable, Iterator, Mapping
@@ -23,9 +26,11 @@ from torch.fx import GraphModule
 from .._compat import without_hooks
 from ..lang.diagnostics import Diagnostic
 from ..plan.archs import model_config, text_config
+from . import disk
 
 Signature = tuple[tuple[str, torch.dtype], ...]
 
+log = logging.getLogger("garage")
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, GraphModule]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # above 1, so export keeps both dimensions symbolic
@@ -132,16 +137,30 @@ def cache_kwarg(model: nn.Module) -> str:
 
 
 def cached_graph(model: nn.Module, kind: str, make: Callable[[], GraphModule]) -> GraphModule:
-    """The model's graph of this kind (e.g. a scoring signature, "prefill", "decode"), made on first use,
+    """The model's graph of this kind (a scoring signature, "step" or "unpadded"), made on first use,
     with any hooks on the model left out of it."""
     param = next(model.parameters())
     key = (kind, model.training, param.device, param.dtype)
     with _LOCK:
         per_model = _CACHE.setdefault(model, {})
         if key not in per_model:
-            with without_hooks(model):
-                per_model[key] = make()
+            per_model[key] = _load_or_export(model, kind, make)
         return per_model[key]
+
+
+def _load_or_export(model: nn.Module, kind: str, make: Callable[[], GraphModule]) -> GraphModule:
+    """From garage's disk cache when an earlier process exported this graph; else exported, and kept."""
+    start = time.perf_counter()
+    with without_hooks(model):
+        graph = disk.load(model, kind)
+        if graph is not None:
+            log.info("loaded the cached %s graph of %s in %.2f s", kind, type(model).__name__,
+                     time.perf_counter() - start)
+            return graph
+        graph = make()
+        log.info("exported the %s graph of %s in %.1f s", kind, type(model).__name__, time.perf_counter() - start)
+        disk.store(model, kind, graph)
+    return graph
 
 
 def base_graph(model: nn.Module, sig: Signature) -> GraphModule:

@@ -1,12 +1,13 @@
-"""Graphs that wrap the model for generation and fast scoring: prefill, decode, and unpadded scoring.
+"""Graphs that wrap the model for generation and fast scoring: the generation step, and unpadded scoring.
 
-The prefill step takes the prompt and returns the cache as flat k/v tensors. The decode step takes one
-token and a preallocated cache (one [batch, kv_heads, max_length, head_dim] buffer per k and v) that it
-writes in place at a slot given as a tensor, so every step has the same shapes: nothing grows, nothing is
-copied, and a compiled decode graph never recompiles. Unwritten slots are hidden by the attention mask.
-Every layer keeps a full-length cache; a sliding window is enforced by the model's own mask, which gives
-the same attention as a cropped cache. The unpadded scoring graph passes no mask, so transformers can call
-SDPA with `is_causal=True`.
+The step graph serves the whole of generation. It takes new tokens (the prompt, then one token at a
+time) and a preallocated cache (one [batch, kv_heads, max_length, head_dim] buffer per k and v) that it
+writes in place at the slots given as a tensor, and it returns the logits of the last position. So the
+prompt and every decode step run the same graph: one export, nothing grows, nothing is copied, and a
+compiled step never recompiles. Unwritten slots are hidden by the attention mask, which spans the whole
+cache. Every layer keeps a full-length cache; a sliding window is enforced by the model's own mask, which
+gives the same attention as a cropped cache. The unpadded scoring graph passes no mask, so transformers
+can call SDPA with `is_causal=True`.
 
 In each of these graphs the model sits under `STEP_PREFIX`, and each is exported once per model.
 """
@@ -21,18 +22,14 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers import DynamicCache
 
-from .._compat import (
-    attn_implementation,
-    cache_from_flat,
-    flat_cache,
-    mask_skipping_allowed,
-    slot_cache,
-)
+from .._compat import attn_implementation, flat_cache, mask_skipping_allowed, slot_cache
 from ..plan.archs import text_config
 from .export import cache_kwarg, cached_graph, example_inputs, exported, model_device
 
 STEP_PREFIX = "model."  # these graphs wrap the model as `self.model`
-EXAMPLE_PAST = 5
+# What position-limited ops read in the step graph: its mask spans the whole cache, not the new tokens, so
+# positions come from position_ids (and pad tokens of the prompt count as real: attention ignores them).
+STEP_INPUTS = (None, "prompt_length", "position_ids", "input_ids")
 
 
 class UnpaddedScoring(nn.Module):
@@ -54,8 +51,9 @@ def _step_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
 
 
-class _Step(nn.Module):
-    """A generation step around the model: calls it with a given cache and the fixed step kwargs."""
+class SlotStep(nn.Module):
+    """One generation step: (new tokens, cache-length mask, their positions, prompt lengths, their slots,
+    cache buffers) → logits of the last position; the new tokens' keys and values are written at `slots`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -63,69 +61,43 @@ class _Step(nn.Module):
         self.cache_kwarg = cache_kwarg(model)
         self.step_kwargs = _step_kwargs(model)
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            cache: DynamicCache) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          **self.step_kwargs, **{self.cache_kwarg: cache})
-
-
-class CachedStep(_Step):
-    """One forward step with the KV cache as flat tensors: (ids, mask, positions, prompt_length, *kv) → (logits, *kv)."""
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                prompt_length: torch.Tensor, past: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
-        out = self.run(input_ids, attention_mask, position_ids, cache_from_flat(past))
-        new_cache = getattr(out, self.cache_kwarg, None) or out.past_key_values
-        return (out.logits[:, -1, :], *flat_cache(new_cache))
+                prompt_length: torch.Tensor, slots: torch.Tensor, past: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **self.step_kwargs, **{self.cache_kwarg: slot_cache(past, slots)})
+        return out.logits[:, -1, :]
 
 
-class SlotStep(_Step):
-    """One decode step: (token, full-length mask, position, prompt_length, slot, cache buffers) → logits."""
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                prompt_length: torch.Tensor, slot: torch.Tensor, past: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.run(input_ids, attention_mask, position_ids, slot_cache(past, slot)).logits[:, -1, :]
-
-
-def _kv_shapes(model: nn.Module, batch: int, past: int) -> list[tuple[int, ...]]:
-    """Shapes of each layer's k and v for an example cache, read from a real forward pass."""
-    step = CachedStep(model)
-    ids = torch.zeros(batch, past, dtype=torch.long, device=model_device(model))
-    mask = torch.ones_like(ids)
+def kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of each layer's k and v, read from a real forward pass of two tokens."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
     with torch.no_grad():
-        outputs = step(ids, mask, mask.cumsum(-1) - 1, mask.sum(-1))
-    return [tuple(t.shape) for t in outputs[1:]]
+        out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): DynamicCache()})
+    cache = getattr(out, cache_kwarg(model), None) or out.past_key_values
+    return [(t.shape[1], t.shape[3]) for t in flat_cache(cache)]
 
 
-def export_step(model: nn.Module, decode: bool) -> GraphModule:
-    """The prefill (prompt in, cache out) or decode (one token, cache buffers written in place) graph of the
-    model, with batch and lengths dynamic."""
+def export_step(model: nn.Module) -> GraphModule:
+    """The generation step graph, with batch, new tokens and cache length dynamic.
+
+    The example has different sizes for each (batch 2, 8 new tokens, a 13-slot cache), so that export
+    keeps them apart. A step of one token runs the same graph."""
     device = model_device(model)
     dyn = torch.export.Dim.DYNAMIC
-    batch, total = 2, EXAMPLE_PAST + 1
-    seq = 1 if decode else 8
+    batch, seq, length = 2, 8, 13
+    dtype = next(model.parameters()).dtype
+    past = tuple(torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in kv_shapes(model))
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    prompt = torch.full((batch,), EXAMPLE_PAST, dtype=torch.long, device=device)
-    step: nn.Module
-    args: tuple
-    shapes: tuple
-    if decode:
-        dtype = next(model.parameters()).dtype
-        past = tuple(torch.zeros(shape[:2] + (total,) + shape[3:], dtype=dtype, device=device)
-                     for shape in _kv_shapes(model, batch, EXAMPLE_PAST))
-        mask = torch.ones(batch, total, dtype=torch.long, device=device)
-        positions = torch.full((batch, 1), EXAMPLE_PAST, dtype=torch.long, device=device)
-        slot = torch.full((1,), EXAMPLE_PAST, dtype=torch.long, device=device)
-        step = SlotStep(model)
-        args = (ids, mask, positions, prompt, slot, past)
-        shapes = ({0: dyn}, {0: dyn, 1: dyn}, {0: dyn}, {0: dyn}, None, tuple({0: dyn, 2: dyn} for _ in past))
-    else:
-        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-        step = CachedStep(model)
-        args = (ids, mask, mask.cumsum(-1) - 1, prompt, ())
-        shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, ())
+    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    mask[:, :seq] = 1
+    positions = torch.arange(seq, device=device).expand(batch, seq).contiguous()
+    prompt = torch.full((batch,), seq, dtype=torch.long, device=device)
+    slots = torch.arange(seq, device=device)
+    shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, {0: dyn},
+              tuple({0: dyn, 2: dyn} for _ in past))
     with torch.no_grad():
-        return exported(step, model, args, dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
+        return exported(SlotStep(model), model, (ids, mask, positions, prompt, slots, past), dynamic_shapes=shapes,
+                        prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def export_unpadded(model: nn.Module) -> GraphModule:
@@ -137,15 +109,11 @@ def export_unpadded(model: nn.Module) -> GraphModule:
                         prefer_deferred_runtime_asserts_over_guards=True)
 
 
-STEP_EXPORTERS: dict[str, Callable[[nn.Module], GraphModule]] = {
-    "prefill": lambda model: export_step(model, decode=False),
-    "decode": lambda model: export_step(model, decode=True),
-    "unpadded": export_unpadded,
-}
+STEP_EXPORTERS: dict[str, Callable[[nn.Module], GraphModule]] = {"step": export_step, "unpadded": export_unpadded}
 
 
 def step_graph(model: nn.Module, kind: str) -> GraphModule:
-    """The model's "prefill", "decode" or "unpadded" graph, exported on first use and cached."""
+    """The model's "step" or "unpadded" graph, exported on first use and cached."""
     return cached_graph(model, kind, lambda: STEP_EXPORTERS[kind](model))
 
 

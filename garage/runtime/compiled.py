@@ -10,9 +10,11 @@ from torch.fx import GraphModule
 from .._compat import mark_dynamic, materialize, size_oblivious
 
 # Per graph kind, the dynamic dimensions of each positional input (the scoring graph takes kwargs).
+# The step graph: (ids, cache-length mask, positions, prompt lengths, slots, cache buffers), compiled twice:
+# "step" for prompts (any length) and "token" for one new token at a time (its length stays 1).
 _STEP_DIMS: dict[str, tuple[tuple[int, ...], ...]] = {
-    "prefill": ((0, 1), (0, 1), (0, 1), (0,), ()),
-    "decode": ((0,), (0, 1), (0,), (0,), (), ()),  # one token; its mask spans the whole cache
+    "step": ((0, 1), (0, 1), (0, 1), (0,), (0,), ()),
+    "token": ((0,), (0, 1), (0,), (0,), (), ()),
 }
 
 
@@ -24,7 +26,7 @@ def _mark_dynamic(kind: str, args: tuple, kwargs: dict[str, torch.Tensor]) -> No
     for value, dims in zip(args, _STEP_DIMS.get(kind, ())):
         for dim in dims:
             mark_dynamic(value, dim)
-    if kind in _STEP_DIMS and len(args) > 4:
+    if kind in _STEP_DIMS:
         for buffer in args[-1]:  # the cache: batch and length
             mark_dynamic(buffer, 0)
             mark_dynamic(buffer, 2)
@@ -33,7 +35,7 @@ def _mark_dynamic(kind: str, args: tuple, kwargs: dict[str, torch.Tensor]) -> No
 def compiled(gm: GraphModule, kind: str, options: dict[str, Any]) -> Callable[..., Any]:
     """`gm` under torch.compile (fullgraph), with batch and lengths dynamic from the first call, and
     size-1 dimensions kept symbolic, so a new length, batch 1, or the next decode step never recompiles.
-    `kind` is "scoring", "prefill" or "decode"."""
+    `kind` is "scoring", "step" or "token"."""
     materialize(gm)  # dynamo does not trace a lazily generated forward
     program = torch.compile(gm, fullgraph=True, **options)
 

@@ -1,8 +1,9 @@
-"""The decode loop: greedy or sampled decoding through the injected prefill and decode graphs.
+"""The decode loop: greedy or sampled decoding through the injected step graph.
 
 Inputs follow `model.generate`: position ids from the attention mask (left padding), and greedy or sampled
-tokens chosen as HF's logits processors do (temperature, then top-k, then top-p). The prefill graph returns
-the prompt's cache; it is copied once into preallocated buffers that the decode graph writes in place.
+tokens chosen as HF's logits processors do (temperature, then top-k, then top-p). The cache is allocated
+once, for the prompt and every new token; the step graph writes it in place, first the whole prompt, then
+one token a step.
 """
 
 from __future__ import annotations
@@ -39,26 +40,28 @@ class Sampling:
         return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
 
 
-def decode_loop(prefill: Step, decode: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                sampling: Sampling, eos_token_ids: list[int], pad_token_id: int | None) -> torch.Tensor:
-    """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`."""
+def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int, sampling: Sampling, eos_token_ids: list[int], pad_token_id: int | None,
+                cache_dtype: torch.dtype) -> torch.Tensor:
+    """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`.
+
+    Both steps run the step graph: `prompt_step` on the whole prompt, `token_step` on each new token (the
+    two differ only when compiled). `kv_shapes` is (kv_heads, head_dim) for each flat cache entry
+    (k0, v0, k1, v1, …)."""
     mask = attention_mask.to(torch.long)
     batch, prompt_tokens = input_ids.shape
+    device = input_ids.device
     prompt_length = mask.sum(-1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits, *prompt_cache = prefill(input_ids, mask, positions, prompt_length, ())
     length = prompt_tokens + max_new_tokens
-    cache = []
-    for t in prompt_cache:  # preallocated buffers the decode graph writes in place
-        buffer = t.new_zeros(t.shape[0], t.shape[1], length, t.shape[3])
-        buffer[:, :, :prompt_tokens] = t
-        cache.append(buffer)
+    cache = tuple(torch.zeros(batch, heads, length, dim, dtype=cache_dtype, device=device) for heads, dim in kv_shapes)
     full_mask = torch.cat([mask, mask.new_zeros(batch, max_new_tokens)], dim=-1)
+    logits = prompt_step(input_ids, full_mask, positions, prompt_length, torch.arange(prompt_tokens, device=device), cache)
     tokens = input_ids
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    eos = torch.tensor(eos_token_ids, device=input_ids.device) if eos_token_ids else None
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
     last_position = positions[:, -1:]
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         next_token = sampling.choose(logits)
         if eos is not None and pad_token_id is not None:
             next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad_token_id))
@@ -67,11 +70,11 @@ def decode_loop(prefill: Step, decode: Step, input_ids: torch.Tensor, attention_
             unfinished &= ~torch.isin(next_token, eos)
             if not unfinished.any():
                 break
-        if step == max_new_tokens - 1:
+        if i == max_new_tokens - 1:
             break
-        slot = prompt_tokens + step
+        slot = prompt_tokens + i
         full_mask[:, slot] = 1
         last_position = last_position + 1
-        slot_tensor = torch.full((1,), slot, dtype=torch.long, device=input_ids.device)
-        logits = decode(next_token[:, None], full_mask, last_position, prompt_length, slot_tensor, tuple(cache))
+        slots = torch.full((1,), slot, dtype=torch.long, device=device)
+        logits = token_step(next_token[:, None], full_mask, last_position, prompt_length, slots, cache)
     return tokens

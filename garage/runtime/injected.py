@@ -1,7 +1,7 @@
 """InjectedModel: the injected graphs packaged to be called like the Hugging Face model they came from.
 
 It holds one op module per plan step and injects the same modules into every graph it builds on demand:
-a scoring graph per input signature, the unpadded scoring graph, and the prefill and decode graphs.
+a scoring graph per input signature, the unpadded scoring graph, and the generation step graph.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ from ..fx.export import (
 )
 from ..fx.locate import SiteNotFound
 from ..fx.rewrite import POSITION_INPUTS, Rewritten, inject
-from ..fx.steps import STEP_PREFIX, step_graph, unpadded_possible
+from ..fx.steps import (
+    STEP_INPUTS,
+    STEP_PREFIX,
+    kv_shapes,
+    step_graph,
+    unpadded_possible,
+)
 from ..lang.diagnostics import Diagnostic, ValidationError
 from ..lang.formatter import format_op
 from ..plan.resolve import Plan
@@ -37,7 +43,7 @@ from .decode import Sampling, decode_loop
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
           "output_attentions": (False, None)}
 
-GraphKey = Signature | str  # a scoring input signature, or "prefill" / "decode" / "unpadded"
+GraphKey = Signature | str  # a scoring input signature, or "step" / "unpadded"
 
 
 class InjectedModel(nn.Module):
@@ -65,6 +71,7 @@ class InjectedModel(nn.Module):
         self._graphs: dict[GraphKey, Rewritten] = {}
         self._runners: dict[GraphKey, Callable[..., Any]] = {}
         self._causal_path = unpadded_possible(model)
+        self._kv_shapes: list[tuple[int, int]] | None = None  # of the cache, learnt on the first generate
         self.train(model.training)
         if scoring_graph is not None:
             self._graphs[SCORING] = scoring_graph
@@ -82,10 +89,9 @@ class InjectedModel(nn.Module):
         return self._runners[sig]
 
     def _step_runner(self, kind: str) -> Callable[..., Any]:
-        """The injected "prefill", "decode" or "unpadded" (scoring without padding) graph, built on first use."""
+        """The injected "step" (generation) or "unpadded" (scoring without padding) graph, built on first use."""
         if kind not in self._runners:
-            # The decode step's mask covers the whole preallocated cache, so positions come from position_ids.
-            inputs = (None, *POSITION_INPUTS[1:]) if kind == "decode" else POSITION_INPUTS
+            inputs = STEP_INPUTS if kind == "step" else POSITION_INPUTS
             try:
                 self._graphs[kind] = self._inject(step_graph(self.model, kind), prefix=STEP_PREFIX,
                                                   position_inputs=inputs)
@@ -97,6 +103,19 @@ class InjectedModel(nn.Module):
             self._runners[kind] = self._maybe_compiled(self._graphs[kind].graph_module,
                                                        "scoring" if kind == "unpadded" else kind)
         return self._runners[kind]
+
+    def _token_runner(self) -> Callable[..., Any]:
+        """The step graph for one-token steps. Eager, it is the step runner itself. Under torch.compile it is
+        a second copy of the injected graph (dynamo caches compiled code per code object), so that the
+        prompt's shapes and the one-token shape never recompile each other."""
+        if "token" not in self._runners:
+            step = self._step_runner("step")
+            if self._compile_options is None:
+                self._runners["token"] = step
+            else:
+                copy = self._inject(step_graph(self.model, "step"), prefix=STEP_PREFIX, position_inputs=STEP_INPUTS)
+                self._runners["token"] = self._maybe_compiled(copy.graph_module, "token")
+        return self._runners["token"]
 
     def _maybe_compiled(self, gm: GraphModule, kind: str) -> Callable[..., Any]:
         return gm if self._compile_options is None else compiled(gm, kind, self._compile_options)
@@ -166,8 +185,11 @@ class InjectedModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         self.captures.clear()
         sampling = Sampling(do_sample, temperature, top_k, top_p)
-        return decode_loop(self._step_runner("prefill"), self._step_runner("decode"), input_ids, attention_mask,
-                           max_new_tokens, sampling, eos, pad_token_id)
+        if self._kv_shapes is None:
+            self._kv_shapes = kv_shapes(self.model)
+        dtype = next(self.model.parameters()).dtype
+        return decode_loop(self._step_runner("step"), self._token_runner(), self._kv_shapes, input_ids,
+                           attention_mask, max_new_tokens, sampling, eos, pad_token_id, dtype)
 
     # ------------------------------------------------------------------ artefacts
     def _program(self) -> torch.export.ExportedProgram:

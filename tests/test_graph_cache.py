@@ -1,0 +1,193 @@
+"""Exported graphs kept on disk: a later process loads them instead of exporting, and gets the same numbers.
+
+The reference is always a fresh export (or the plain model), never the cache itself; an entry that does
+not fit, is damaged, or asks for something outside the format's allowlist is exported again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from zoo import tiny_model
+
+import garage
+from garage import _cache
+from garage.fx import disk
+from garage.fx.export import SCORING, export_scoring
+from garage.fx.steps import STEP_EXPORTERS
+
+SPEC = "at h.1 scale 0.8\nat h.2[last] add v * 2"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GARAGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def entries(cache) -> list:
+    folder = cache / "graphs"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def batch(seed: int, vocab: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: the masked scoring graph
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run_spec(model, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    injected = garage.compile(model, SPEC, bind={"v": vector})
+    inputs = batch(seed)
+    with torch.no_grad():
+        logits = injected(**inputs).logits
+    return logits, injected.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_second_model_loads_every_graph_and_computes_the_same(arch, cache, caplog):
+    first = tiny_model(arch, seed=1)
+    want = run_spec(first, seed=5)
+    kept = entries(cache)
+    assert len(kept) == 2  # scoring (the batch is padded) and the generation step
+    second = tiny_model(arch, seed=1)  # a new instance: nothing in memory, everything on disk
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="garage"):
+        got = run_spec(second, seed=5)
+    assert "exported" not in caplog.text and caplog.text.count("loaded the cached") == 2
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert entries(cache) == kept
+
+
+def test_loaded_graphs_share_the_live_weights(cache):
+    model = tiny_model("llama", seed=2)
+    disk.store(model, "step", STEP_EXPORTERS["step"](model))
+    loaded = disk.load(model, "step")
+    params = {id(p) for p in model.parameters()}
+    assert loaded is not None and all(id(p) in params for p in loaded.parameters())
+    with torch.no_grad():  # so a change to the model's weights is a change to the loaded graph
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    assert any(p is model.model.layers[0].mlp.down_proj.weight for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("kind", ["scoring", "step", "unpadded"])
+def test_every_graph_kind_round_trips_exactly(kind, cache):
+    model = tiny_model("qwen2", seed=3)
+    fresh = export_scoring(model, SCORING) if kind == "scoring" else STEP_EXPORTERS[kind](model)
+    disk.store(model, kind, fresh)
+    loaded = disk.load(model, kind)
+    assert loaded is not None
+    assert [(n.name, n.op, str(n.target)) for n in loaded.graph.nodes] == \
+        [(n.name, n.op, str(n.target)) for n in fresh.graph.nodes]
+    sizes = {n.name: str(n.meta["val"].shape) for n in fresh.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    assert {n.name: str(n.meta["val"].shape) for n in loaded.graph.nodes if n.name in sizes} == sizes
+
+
+def test_a_fresh_process_loads_what_another_exported(cache):
+    script = (
+        "import logging, sys, torch, garage; logging.basicConfig(level=logging.INFO)\n"
+        "from garage.models import load_model_and_tokenizer\n"
+        "model, tok = load_model_and_tokenizer('tiny:llama')\n"
+        "ids = tok(['hello there', 'a b'], return_tensors='pt', padding=True)\n"
+        "inj = garage.compile(model, 'at h.3 scale 1.5')\n"
+        "out = inj.generate(ids.input_ids, attention_mask=ids.attention_mask, max_new_tokens=5)\n"
+        "print(out.tolist(), inj(**ids).logits.double().sum().item())\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    assert "exported the" in runs[0].stderr and "loaded the cached" not in runs[0].stderr
+    assert "exported the" not in runs[1].stderr and runs[1].stderr.count("loaded the cached") == 2
+    assert runs[0].stdout == runs[1].stdout
+
+
+def test_a_changed_model_or_version_is_exported_again(cache, monkeypatch):
+    model = tiny_model("llama", seed=4)
+    key = disk.fingerprint(model, "step")
+    assert key == disk.fingerprint(tiny_model("llama", seed=9), "step")  # weights are not in the key
+    assert key != disk.fingerprint(tiny_model("llama", seed=4, rope_theta=123.0), "step")
+    assert key != disk.fingerprint(model, "unpadded")
+    assert key != disk.fingerprint(model.to(torch.float64), "step")
+    monkeypatch.setattr(disk, "__version__", "0.0.0-other")
+    assert key != disk.fingerprint(model.to(torch.float32), "step")
+
+
+def test_models_with_patched_forwards_are_not_cached(cache):
+    model = tiny_model("llama", seed=4)
+    model.model.layers[1].mlp.forward = lambda x: x  # code that no file holds
+    assert disk.fingerprint(model, "step") is None
+    disk.store(model, "step", STEP_EXPORTERS["step"](model))
+    assert entries(cache) == []
+
+
+def evil_target(desc: dict) -> str:
+    """A node that would call `os.system`, spelled two ways the allowlist must refuse."""
+    nodes = desc["graph"]["nodes"]
+    calls = [n for n in nodes if n["op"] == "call_function"]
+    calls[0]["target"] = {"py": "os.system"}
+    calls[1]["target"] = {"op": "os::system"}
+    return json.dumps(desc)
+
+
+@pytest.mark.parametrize("edit", ["{not json", "{}", evil_target], ids=["garbled", "empty", "evil-target"])
+def test_a_damaged_or_hostile_entry_is_exported_again(edit, cache, caplog):
+    model = tiny_model("llama", seed=6)
+    want = run_spec(model, seed=1)
+    for name in entries(cache):
+        path = cache / "graphs" / name / f"{disk.FILE}.json"
+        path.write_text(edit(json.loads(path.read_text())) if callable(edit) else edit)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="garage"):
+        got = run_spec(tiny_model("llama", seed=6), seed=1)
+    assert "ignoring the cached" in caplog.text and caplog.text.count("exported the") == 2
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(entries(cache)) == 2  # written again, whole
+
+
+def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("GARAGE_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    run_spec(tiny_model("llama", seed=7), seed=2)
+    assert _cache.root() is None and not any(tmp_path.iterdir())
+
+
+def test_concurrent_writers_leave_one_whole_entry(cache):
+    models = [tiny_model("llama", seed=8) for _ in range(4)]
+    graph = STEP_EXPORTERS["step"](models[0])
+    errors: list[BaseException] = []
+
+    def write(model) -> None:
+        try:
+            disk.store(model, "step", graph)
+        except BaseException as err:  # noqa: BLE001  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(entries(cache)) == 1
+    assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert disk.load(models[3], "step") is not None
+
+
+def test_writing_is_all_or_nothing(cache):
+    target = cache / "graphs" / "x"
+    with pytest.raises(RuntimeError), _cache.writing(target) as tmp:
+        (tmp / "half").write_text("...")
+        raise RuntimeError("interrupted")
+    assert not target.exists() and not list((cache / "graphs").iterdir())
+    with _cache.writing(target) as tmp:
+        (tmp / "a").write_text("first")
+        with _cache.writing(target) as other:  # another writer finishes first: the first rename wins
+            (other / "a").write_text("second")
+    assert (target / "a").read_text() == "second" and len(list((cache / "graphs").iterdir())) == 1
