@@ -36,7 +36,7 @@ def compile(
     for warning in validated.report.warnings:
         warnings.warn(warning.render(), GarageWarning, stacklevel=2)
     return InjectedModel(model, prepared.plan, modules, prepared.captures, compile=compile,
-                         warnings=validated.report.warnings, scoring_graph=validated.graph)
+                         warnings=validated.report.warnings, graphs=validated.graphs)
 
 
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from torch import nn
+from torch.fx import GraphModule
 
-from ..fx.export import SCORING, TraceFailure, base_graph, trace_diagnostic
+from ..fx.export import TraceFailure, trace_diagnostic
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject, site_location
+from ..fx.steps import GraphKey, checked_kinds, graph_of, placement
 from ..lang.diagnostics import Diagnostic, Problem, Severity, ValidationError, render
 from ..plan.prepare import Prepared, SpecLike, prepare
 from .lints import (
@@ -54,10 +56,10 @@ class Report:
 
 @dataclass(frozen=True)
 class Validated:
-    """What validation found, and the injected scoring graph it checked (None when it could not build one)."""
+    """What validation found, and the injected graphs it checked, by kind (none when it could not build one)."""
 
     report: Report
-    graph: Rewritten | None
+    graphs: dict[GraphKey, Rewritten]
     cause: BaseException | None = None  # why the model could not be traced, kept for the raised error
 
 
@@ -66,20 +68,38 @@ def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
     return prepared.spec.source.diagnostic(finding.step.span, finding.message, finding.hint, severity, finding.rule)
 
 
-def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic], Rewritten | None, BaseException | None]:
-    """Shape checks of user modules on fake values, then networkx checks of the rewritten graph (returned too)."""
+def _checked_graph(model: nn.Module) -> tuple[GraphKey, GraphModule]:
+    """The first graph of `checked_kinds` that traces; a TraceFailure of the last when none does."""
+    kinds = checked_kinds(model)
+    for kind in kinds[:-1]:
+        try:
+            return kind, graph_of(model, kind)
+        except TraceFailure:  # e.g. a cache kind the step cannot hold: check on the scoring graph instead
+            continue
+    return kinds[-1], graph_of(model, kinds[-1])
+
+
+GraphChecks = tuple[list[Diagnostic], dict[GraphKey, Rewritten], BaseException | None]
+
+
+def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
+    """Shape checks of user modules on fake values, then networkx checks of the rewritten graph (returned too).
+
+    A causal LM is checked on its generation step graph (see `fx.steps.checked_kinds`), anything else on
+    its scoring graph; both hold every site, so the findings are the same."""
     plan, source = prepared.plan, prepared.spec.source
     try:
-        base = base_graph(model, SCORING)
+        kind, base = _checked_graph(model)
     except TraceFailure as failure:  # not the spec's fault, but it must be said, with its cause kept
-        return [trace_diagnostic(failure, source.filename)], None, failure
+        return [trace_diagnostic(failure, source.filename)], {}, failure
+    prefix, position_inputs = placement(kind)
     hidden = plan.info.hidden_size
     names = HiddenShape.of(base.graph, hidden)
     nodes = {n.name: n for n in base.graph.nodes}
     out: list[Diagnostic] = []
     for step, module in zip(plan, prepared.modules):
         try:
-            location = site_location(base, step.site, hidden)
+            location = site_location(base, step.site, hidden, prefix)
         except SiteNotFound as err:
             out.append(source.diagnostic(step.span, f"{step.site.label}: {err}", "name another site"))
             continue
@@ -93,21 +113,21 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> tuple[list[Diagnostic
     out = list(dict.fromkeys(out))  # a statement over many layers reports the same problem once
     modules = [m for m in prepared.modules if m is not None]
     if any(d.is_error for d in out) or len(modules) != len(prepared.modules):
-        return out, None, None
-    rewritten = inject(base, [s.site for s in plan], modules, hidden)
+        return out, {}, None
+    rewritten = inject(base, [s.site for s in plan], modules, hidden, prefix, position_inputs)
     findings = graph_findings(rewritten.graph_module, plan, {x.index: x.node for x in rewritten.inserted})
-    return out + [_diagnostic(prepared, f) for f in dedupe(findings)], rewritten, None
+    return out + [_diagnostic(prepared, f) for f in dedupe(findings)], {kind: rewritten}, None
 
 
 def validate(model: nn.Module, prepared: Prepared) -> Validated:
     """Add the graph checks and lints to what preparing found; every diagnostic, and the checked graph."""
-    found, graph, cause = _graph_checks(model, prepared) if prepared.plan.steps else ([], None, None)
+    found, graphs, cause = _graph_checks(model, prepared) if prepared.plan.steps else ([], {}, None)
     plan, modules = prepared.plan, prepared.modules
     lints = dedupe(iter([*dead_op_findings(plan), *blade_findings(plan, modules), *vector_findings(plan, modules)]))
     found += [_diagnostic(prepared, f) for f in lints]
     prepared.stages.setdefault(ValidationError, []).extend(found)
     diagnostics = sorted(prepared.diagnostics, key=lambda d: (d.line, d.column, not d.is_error))
-    return Validated(Report(diagnostics), graph, cause)
+    return Validated(Report(diagnostics), graphs, cause)
 
 
 def check(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Report:

@@ -24,7 +24,18 @@ from transformers import DynamicCache
 
 from .._compat import attn_implementation, flat_cache, mask_skipping_allowed, slot_cache
 from ..plan.archs import text_config
-from .export import cache_kwarg, cached_graph, example_inputs, exported, model_device
+from .export import (
+    SCORING,
+    Signature,
+    TraceFailure,
+    base_graph,
+    cache_kwarg,
+    cached_graph,
+    example_inputs,
+    exported,
+    model_device,
+)
+from .rewrite import POSITION_INPUTS
 
 STEP_PREFIX = "model."  # these graphs wrap the model as `self.model`
 # What position-limited ops read in the step graph: its mask spans the whole cache, not the new tokens, so
@@ -86,7 +97,11 @@ def export_step(model: nn.Module) -> GraphModule:
     dyn = torch.export.Dim.DYNAMIC
     batch, seq, length = 2, 8, 13
     dtype = next(model.parameters()).dtype
-    past = tuple(torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in kv_shapes(model))
+    try:
+        layers = kv_shapes(model)
+    except Exception as err:  # the model's own forward failed on a real input: say so as a trace failure
+        raise TraceFailure(model, err) from err
+    past = tuple(torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in layers)
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     mask = torch.zeros(batch, length, dtype=torch.long, device=device)
     mask[:, :seq] = 1
@@ -117,13 +132,38 @@ def step_graph(model: nn.Module, kind: str) -> GraphModule:
     return cached_graph(model, kind, lambda: STEP_EXPORTERS[kind](model))
 
 
+GraphKey = Signature | str  # a scoring input signature, or "step" / "unpadded"
+
+
+def graph_of(model: nn.Module, kind: GraphKey) -> GraphModule:
+    """The model's base graph of this kind: a scoring graph for an input signature, else a step graph."""
+    return step_graph(model, kind) if isinstance(kind, str) else base_graph(model, kind)
+
+
+def placement(kind: GraphKey) -> tuple[str, tuple[str | None, ...]]:
+    """Where the model sits in a graph of this kind, and which graph inputs position-limited ops read."""
+    if kind == "step":
+        return STEP_PREFIX, STEP_INPUTS
+    return (STEP_PREFIX if kind == "unpadded" else ""), POSITION_INPUTS
+
+
+def can_generate(model: nn.Module) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)())
+
+
+def checked_kinds(model: nn.Module) -> list[GraphKey]:
+    """The graphs a spec is checked on, in order of preference: for a causal LM the generation step (what
+    `garage run` needs first, so that checking costs no extra export), else the scoring graph."""
+    return ["step", SCORING] if can_generate(model) else [SCORING]
+
+
 def unpadded_possible(model: nn.Module) -> bool:
     """Whether an unpadded batch can skip the attention mask: a causal LM on SDPA with no sliding windows."""
     config = text_config(model)
     layer_types = getattr(config, "layer_types", None) or []
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return bool(
-        getattr(model, "can_generate", lambda: False)()
+        can_generate(model)
         and attn_implementation(config) == "sdpa"
         and not sliding
         and all(kind == "full_attention" for kind in layer_types)

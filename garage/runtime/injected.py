@@ -15,21 +15,20 @@ from torch.fx import GraphModule
 
 from ..fx.export import (
     SCORING,
-    Signature,
     TraceFailure,
-    base_graph,
     model_device,
     signature,
     trace_diagnostic,
     vocab_size,
 )
 from ..fx.locate import SiteNotFound
-from ..fx.rewrite import POSITION_INPUTS, Rewritten, inject
+from ..fx.rewrite import Rewritten, inject
 from ..fx.steps import (
-    STEP_INPUTS,
-    STEP_PREFIX,
+    GraphKey,
+    can_generate,
+    graph_of,
     kv_shapes,
-    step_graph,
+    placement,
     unpadded_possible,
 )
 from ..lang.diagnostics import Diagnostic, ValidationError
@@ -43,9 +42,6 @@ from .decode import Sampling, decode_loop
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
           "output_attentions": (False, None)}
 
-GraphKey = Signature | str  # a scoring input signature, or "step" / "unpadded"
-
-
 class InjectedModel(nn.Module):
     """The model with a spec compiled in. Its only parameters are the injected ops' parameters."""
 
@@ -57,9 +53,10 @@ class InjectedModel(nn.Module):
         captures: dict[str, torch.Tensor],
         compile: bool | dict[str, Any] = False,
         warnings: list[Diagnostic] | None = None,
-        scoring_graph: Rewritten | None = None,
+        graphs: dict[GraphKey, Rewritten] | None = None,
     ) -> None:
-        """`scoring_graph` is the injected default scoring graph when the validator has already built it."""
+        """`graphs` holds the injected graphs the checker already built (they are not built again); every
+        other graph is exported and injected on first use."""
         super().__init__()
         self.ops = nn.ModuleList(modules)
         object.__setattr__(self, "model", model)  # not a submodule: its parameters are not ours
@@ -68,40 +65,36 @@ class InjectedModel(nn.Module):
         self.captures = captures
         self.warnings = list(warnings or [])
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
-        self._graphs: dict[GraphKey, Rewritten] = {}
+        self._graphs: dict[GraphKey, Rewritten] = dict(graphs or {})
         self._runners: dict[GraphKey, Callable[..., Any]] = {}
         self._causal_path = unpadded_possible(model)
         self._kv_shapes: list[tuple[int, int]] | None = None  # of the cache, learnt on the first generate
         self.train(model.training)
-        if scoring_graph is not None:
-            self._graphs[SCORING] = scoring_graph
-        self._runner(SCORING)
 
     # ------------------------------------------------------------------ graphs
     def _inject(self, base: GraphModule, **where: Any) -> Rewritten:
         return inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size, **where)
 
-    def _runner(self, sig: Signature) -> Callable[..., Any]:
-        if sig not in self._runners:
-            if sig not in self._graphs:
-                self._graphs[sig] = self._inject(base_graph(self.model, sig))
-            self._runners[sig] = self._maybe_compiled(self._graphs[sig].graph_module, "scoring")
-        return self._runners[sig]
-
-    def _step_runner(self, kind: str) -> Callable[..., Any]:
-        """The injected "step" (generation) or "unpadded" (scoring without padding) graph, built on first use."""
-        if kind not in self._runners:
-            inputs = STEP_INPUTS if kind == "step" else POSITION_INPUTS
+    def _graph(self, kind: GraphKey) -> Rewritten:
+        """The injected graph of this kind: a scoring signature, "step" (generation) or "unpadded"."""
+        if kind not in self._graphs:
+            prefix, inputs = placement(kind)
+            label = kind if isinstance(kind, str) else ""
             try:
-                self._graphs[kind] = self._inject(step_graph(self.model, kind), prefix=STEP_PREFIX,
-                                                  position_inputs=inputs)
+                self._graphs[kind] = self._inject(graph_of(self.model, kind), prefix=prefix, position_inputs=inputs)
             except SiteNotFound as err:
-                raise ValidationError([Diagnostic("error", f"cannot place the spec in the {kind} graph: {err}",
+                where = f"the {label} graph" if label else "the scoring graph"
+                raise ValidationError([Diagnostic("error", f"cannot place the spec in {where}: {err}",
                                                   self.plan.spec.filename, hint="name another site")]) from None
             except TraceFailure as failure:
-                raise ValidationError([trace_diagnostic(failure, self.plan.spec.filename, kind)]) from failure.__cause__
-            self._runners[kind] = self._maybe_compiled(self._graphs[kind].graph_module,
-                                                       "scoring" if kind == "unpadded" else kind)
+                raise ValidationError([trace_diagnostic(failure, self.plan.spec.filename, label)]) from failure.__cause__
+        return self._graphs[kind]
+
+    def _runner(self, kind: GraphKey) -> Callable[..., Any]:
+        """The injected graph of this kind, under torch.compile when asked for; built on first use."""
+        if kind not in self._runners:
+            self._runners[kind] = self._maybe_compiled(self._graph(kind).graph_module,
+                                                       "step" if kind == "step" else "scoring")
         return self._runners[kind]
 
     def _token_runner(self) -> Callable[..., Any]:
@@ -109,11 +102,12 @@ class InjectedModel(nn.Module):
         a second copy of the injected graph (dynamo caches compiled code per code object), so that the
         prompt's shapes and the one-token shape never recompile each other."""
         if "token" not in self._runners:
-            step = self._step_runner("step")
+            step = self._runner("step")
             if self._compile_options is None:
                 self._runners["token"] = step
             else:
-                copy = self._inject(step_graph(self.model, "step"), prefix=STEP_PREFIX, position_inputs=STEP_INPUTS)
+                prefix, inputs = placement("step")
+                copy = self._inject(graph_of(self.model, "step"), prefix=prefix, position_inputs=inputs)
                 self._runners["token"] = self._maybe_compiled(copy.graph_module, "token")
         return self._runners["token"]
 
@@ -123,8 +117,7 @@ class InjectedModel(nn.Module):
     @property
     def graph_module(self) -> GraphModule:
         """The injected GraphModule for input_ids + attention_mask (its `.code` is readable Python)."""
-        self._runner(SCORING)
-        return self._graphs[SCORING].graph_module
+        return self._graph(SCORING).graph_module
 
     # ------------------------------------------------------------------ calling
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -141,7 +134,7 @@ class InjectedModel(nn.Module):
             raise TypeError("InjectedModel needs input_ids")
         self.captures.clear()
         if self._unpadded(inputs):  # no padding: SDPA's causal path, with no mask materialized
-            return self._step_runner("unpadded")(input_ids=inputs["input_ids"])
+            return self._runner("unpadded")(input_ids=inputs["input_ids"])
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         return self._runner(signature(inputs))(**inputs)
@@ -172,7 +165,7 @@ class InjectedModel(nn.Module):
         """Like `model.generate`: prompt + new token ids, decoded with a KV cache through the injected graphs."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
-        if not getattr(self.model, "can_generate", lambda: False)():
+        if not can_generate(self.model):
             raise TypeError(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
         config = getattr(self.model, "generation_config", None)
         if eos_token_id is None and config is not None:
@@ -188,7 +181,7 @@ class InjectedModel(nn.Module):
         if self._kv_shapes is None:
             self._kv_shapes = kv_shapes(self.model)
         dtype = next(self.model.parameters()).dtype
-        return decode_loop(self._step_runner("step"), self._token_runner(), self._kv_shapes, input_ids,
+        return decode_loop(self._runner("step"), self._token_runner(), self._kv_shapes, input_ids,
                            attention_mask, max_new_tokens, sampling, eos, pad_token_id, dtype)
 
     # ------------------------------------------------------------------ artefacts
@@ -207,9 +200,10 @@ class InjectedModel(nn.Module):
 
     # ------------------------------------------------------------------ inspection
     def explain(self) -> str:
-        """One row a statement and site: line:col, site, module path, fx node, op."""
-        self._runner(SCORING)
-        nodes = {x.index: x.node for x in self._graphs[SCORING].inserted}
+        """One row a statement and site: line:col, site, module path, fx node, op. The fx nodes are those of
+        the graph the spec was checked on (the generation step for a causal LM), or of the scoring graph."""
+        graph = next(iter(self._graphs.values()), None) or self._graph(SCORING)
+        nodes = {x.index: x.node for x in graph.inserted}
         rows = [("line:col", "site", "module path", "fx node", "op")]
         for i, step in enumerate(self.plan):
             rows.append((f"{step.span.line}:{step.span.column}", step.site.label, step.site.module_path,
