@@ -27,6 +27,7 @@ symbolic shapes imply — the same checks torch generates for garage's graphs.
 from __future__ import annotations
 
 import builtins
+import json
 import math
 import operator
 import re
@@ -35,6 +36,7 @@ from typing import Any
 
 import sympy
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
@@ -302,6 +304,11 @@ def _decode_arg(a: Any, nodes: dict[str, Node]) -> Any:
     raise Unsupported(f"argument tag {tag}")
 
 
+def _bound(b: Any) -> int | None:
+    """A finite integer range bound, or None (unbounded)."""
+    return int(b) if b is not None and b.is_Integer else None
+
+
 class _ValEncoder:
     """meta["val"] summaries; symbolic expressions go to a shared table keyed by their str()."""
 
@@ -321,9 +328,8 @@ class _ValEncoder:
                 if sym.name not in self.symbols:
                     hint = env.backed_var_to_val.get(sym)
                     vr = env.var_to_range.get(sym)
-                    bound = lambda b: int(b) if b is not None and b.is_Integer else None
                     self.symbols[sym.name] = [int(hint) if hint is not None else None,
-                                              bound(vr.lower) if vr else None, bound(vr.upper) if vr else None]
+                                              _bound(vr.lower) if vr else None, _bound(vr.upper) if vr else None]
         return key
 
     def _dim(self, d: int | torch.SymInt) -> int | str:
@@ -641,22 +647,14 @@ def load(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root: nn.Module
 
 def save(path: str, desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """`path`.json and `path`.safetensors."""
-    import json
-
-    from safetensors.torch import save_file
-
-    with open(f"{path}.json", "w") as f:
+    with open(f"{path}.json", "w", encoding="utf-8") as f:
         json.dump(desc, f, separators=(",", ":"), allow_nan=False)
     save_file(tensors, f"{path}.safetensors")
 
 
 def read(path: str, device: str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """What `save` wrote (safetensors never unpickles)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    with open(f"{path}.json") as f:
+    with open(f"{path}.json", encoding="utf-8") as f:
         desc = json.load(f)
     return desc, load_file(f"{path}.safetensors", device=device)
 

@@ -40,9 +40,9 @@ class Sampling:
         return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
 
 
-def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_new_tokens: int, sampling: Sampling, eos_token_ids: list[int], pad_token_id: int | None,
-                cache_dtype: torch.dtype) -> torch.Tensor:
+def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, int]], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, max_new_tokens: int, sampling: Sampling, eos_token_ids: list[int],
+                pad_token_id: int | None, cache_dtype: torch.dtype) -> torch.Tensor:
     """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`.
 
     Both steps run the step graph: `prompt_step` on the whole prompt, `token_step` on each new token (the

@@ -42,6 +42,7 @@ from .decode import Sampling, decode_loop
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
           "output_attentions": (False, None)}
 
+
 class InjectedModel(nn.Module):
     """The model with a spec compiled in. Its only parameters are the injected ops' parameters."""
 
