@@ -152,6 +152,29 @@ def test_a_damaged_or_hostile_entry_is_exported_again(edit, cache, caplog):
     assert len(entries(cache)) == 2  # written again, whole
 
 
+def broken(*args):
+    raise RuntimeError("the format tripped")
+
+
+def test_a_model_without_a_key_is_simply_not_cached(cache, monkeypatch):
+    monkeypatch.setattr(disk, "_source_hash", broken)  # e.g. a class whose source file cannot be read
+    model = tiny_model("llama", seed=5)
+    assert disk.fingerprint(model, "step") is None
+    run_spec(model, seed=3)
+    assert entries(cache) == []
+
+
+def test_a_cache_that_fails_to_write_never_breaks_compiling(cache, monkeypatch, caplog):
+    want = run_spec(tiny_model("llama", seed=5), seed=3)
+    monkeypatch.setattr(disk._graph_format, "dump", broken)
+    fresh = tiny_model("llama", seed=5, rope_theta=77.0)  # a config with nothing cached yet
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="garage"):
+        garage.compile(fresh, SPEC, bind={"v": torch.randn(fresh.config.hidden_size)})
+    assert "could not cache the step graph" in caplog.text and "the format tripped" in caplog.text
+    assert torch.equal(run_spec(tiny_model("llama", seed=5), seed=3)[1], want[1])
+
+
 def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("GARAGE_CACHE", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -33,7 +33,8 @@ FILE = "graph"  # graph.json and graph.safetensors
 
 
 def _source_hash(classes: set[type]) -> str:
-    """The source files that define these classes: a changed modeling file is a different graph."""
+    """The source files that define these classes: a changed modeling file is a different graph.
+    An OSError or TypeError (a class without a readable file) means: do not cache."""
     digest = hashlib.sha256()
     for path in sorted({inspect.getsourcefile(cls) or "" for cls in classes} - {""}):
         digest.update(path.encode())
@@ -42,7 +43,15 @@ def _source_hash(classes: set[type]) -> str:
 
 
 def fingerprint(model: nn.Module, kind: str) -> str | None:
-    """The cache key of this model's graph of this kind, or None when it must not be cached."""
+    """The cache key of this model's graph of this kind, or None when it must not (or cannot) be cached."""
+    try:
+        return _fingerprint(model, kind)
+    except Exception as err:  # an unusual model (unreadable source, a config that will not serialise)
+        log.debug("not caching graphs of %s: %s: %s", type(model).__name__, type(err).__name__, err)
+        return None
+
+
+def _fingerprint(model: nn.Module, kind: str) -> str | None:
     modules = list(model.named_modules(remove_duplicate=False))
     if any("forward" in vars(m) for _, m in modules):  # a forward set on an instance: its code has no file
         return None
@@ -93,7 +102,7 @@ def store(model: nn.Module, kind: str, graph: GraphModule) -> None:
         desc, tensors = _graph_format.dump(graph, model)
         with _cache.writing(folder) as tmp:
             _graph_format.save(str(tmp / FILE), desc, tensors)
-    except _graph_format.Unsupported as err:
+    except _graph_format.Unsupported as err:  # something the format does not hold: export it each time
         log.debug("not caching the %s graph of %s: %s", kind, type(model).__name__, err)
-    except OSError as err:
-        log.warning("could not cache the %s graph in %s: %s", kind, folder, err)
+    except Exception as err:  # a full disk, a read-only cache, a graph the format trips on: never fatal
+        log.warning("could not cache the %s graph in %s: %s: %s", kind, folder, type(err).__name__, err)
