@@ -273,6 +273,7 @@ at h.2 blade identity from v alpha 0.2; at h.2 blade gated from w project topk
 at h.2 blade identity from w project linear; at h.2 blade gated; at h.2 blade gated from net alpha 0.3
 at h.3 debate average views projection; at h.3 debate confidence views projection strength 0.2
 at h.3 debate gated views dropout strength 0.3; at h.3[last] add v; at h.3[1:3] scale 1.1; at h.3 capture c
+at h.1.mlp.hidden scale 1.2; at h.2.mlp.hidden[last] add u; at h.3.mlp.hidden ablate u; at h.3.mlp.hidden capture f
 """
 
 
@@ -280,7 +281,7 @@ at h.3 debate gated views dropout strength 0.3; at h.3[last] add v; at h.3[1:3] 
 def test_every_op_compiles_as_one_graph_and_saves(tmp_path):
     model = tiny_model("llama", seed=6)
     torch.manual_seed(6)
-    bind = {"v": torch.randn(64), "w": torch.randn(160), "net": torch.nn.Linear(64, 64)}
+    bind = {"v": torch.randn(64), "w": torch.randn(160), "net": torch.nn.Linear(64, 64), "u": torch.randn(128)}
     eager = garage.compile(model, EVERY_OP, bind=bind)
     compiled = garage.compile(model, EVERY_OP, bind=bind, compile=True)  # fullgraph: no graph breaks allowed
     compiled.load_state_dict(eager.state_dict())  # the same random projections and gates in both

@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 import torch
-from zoo import ARCH_NAMES, tiny_model
+from test_reference import DOWN, PATHS
+from test_reference import module as reference_module
+from zoo import ARCH_NAMES, INTERMEDIATE, tiny_model
 
 import garage
 from garage.runtime.hooks import attach
@@ -154,3 +156,28 @@ def test_aot_inductor_package_loads_and_matches(tmp_path):
     compiled = garage.load_artifact(path)
     assert torch.allclose(compiled(input_ids=ids, attention_mask=mask), injected(input_ids=ids, attention_mask=mask).logits,
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in DECODERS if DOWN[n] is not None])
+def test_the_ffn_hidden_layer_steers_generation_like_a_hook(name):
+    """`h.I.mlp.hidden[new]` during cached generation: the reference is a hook on the down projection's
+    input (the table in test_reference.py), adding only on decode steps, which are the new tokens."""
+    model = never_stopping(name)
+    ids, mask = prompt()
+    w = torch.randn(INTERMEDIATE, generator=torch.Generator().manual_seed(2))
+    injected = garage.compile(model, "at h.1.mlp.hidden[new] add w * 2; at h.2.mlp.hidden scale 1.3", bind={"w": w})
+    out = injected.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    blocks = PATHS[name][0]
+    tokens = {}
+    handles = [
+        model.register_forward_pre_hook(lambda _m, a, k: tokens.update(n=k["input_ids"].shape[1]), with_kwargs=True),
+        reference_module(model, f"{blocks}.1.{DOWN[name]}").register_forward_pre_hook(
+            lambda _m, a: (a[0] + 2 * w,) if tokens["n"] == 1 else None),
+        reference_module(model, f"{blocks}.2.{DOWN[name]}").register_forward_pre_hook(lambda _m, a: (a[0] * 1.3,)),
+    ]
+    try:
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(out, expected)

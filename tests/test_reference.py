@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
-from zoo import HIDDEN, tiny_model
+from zoo import HIDDEN, INTERMEDIATE, tiny_model
 
 import garage
 
@@ -240,3 +240,73 @@ def test_scale_at_block_k_is_f_times_the_hidden_state_hf_reports(k):
     with torch.no_grad():
         plain = model(**inputs, output_hidden_states=True).hidden_states[k + 1]
     assert torch.allclose(h, 0.37 * plain, atol=1e-6)
+
+
+# Per architecture, by hand: the FFN's down projection inside a block, whose input is `h.I.mlp.hidden` (the
+# intermediate activation, after any gate). MoE families have no single one: garage refuses the site there.
+DOWN: dict[str, str | None] = {
+    "gpt2": "mlp.c_proj", "llama": "mlp.down_proj", "qwen2": "mlp.down_proj", "mistral": "mlp.down_proj",
+    "gpt_neox": "mlp.dense_4h_to_h", "phi3": "mlp.down_proj", "gemma2": "mlp.down_proj",
+    "gemma3": "mlp.down_proj", "opt": "fc2", "bert": "output.dense",
+    "mixtral": None, "qwen2_moe": None, "qwen3_moe": None,
+}
+FFN_OPS: dict[str, Callable[[dict[str, torch.Tensor]], Formula]] = {
+    "scale -1.7": lambda t: lambda h: -1.7 * h,
+    "zero": lambda t: lambda h: torch.zeros_like(h),
+    "add w * 0.5": lambda t: lambda h: h + 0.5 * t["w"],
+    "ablate e": lambda t: lambda h: ablated(h, t["e"]),
+    "capture c": lambda t: lambda h: h,
+}
+
+
+@pytest.mark.parametrize("op", list(FFN_OPS))
+def test_the_ffn_hidden_layer_is_the_down_projections_input(arch, op):
+    name, model = arch
+    blocks = PATHS[name][0]
+    if DOWN[name] is None:
+        with pytest.raises(garage.GarageError, match="mixture-of-experts"):
+            garage.compile(model, f"at h.1.mlp.hidden {op}", bind={"w": torch.randn(INTERMEDIATE)})
+        return
+    for seed in SEEDS:
+        g = torch.Generator().manual_seed(900 + seed)
+        t = {"w": torch.randn(INTERMEDIATE, generator=g), "e": torch.randn(INTERMEDIATE, generator=g)}
+        inputs = batch(seed)
+        inj = garage.compile(model, f"at h.1.mlp.hidden {op}", bind=t)
+        with torch.no_grad():
+            got = out_of(inj(**inputs))
+        seen: list[torch.Tensor] = []
+        formula = FFN_OPS[op](t)
+        want = reference(model, inputs, f"{blocks}.1.{DOWN[name]}", lambda h: seen.append(h) or formula(h), True)
+        assert close(got, want), (name, op, seed)
+        if op.startswith("capture"):
+            assert torch.equal(inj.captures["c"], seen[0]) and seen[0].shape[-1] == INTERMEDIATE
+
+
+def test_a_vector_for_the_ffn_hidden_layer_must_have_its_width(arch):
+    name, model = arch
+    if DOWN[name] is None:
+        return
+    report = garage.check(model, "at h.1.mlp.hidden add w", bind={"w": torch.randn(HIDDEN)})
+    (error,) = report.errors
+    assert f"h.1.mlp.hidden's width is {INTERMEDIATE}" in error.message
+
+
+# Quoted module paths whose output is not hidden-wide (written by hand): the checker knows their width.
+WIDE_MODULES = {"gpt2": "transformer.h.1.mlp.c_fc", "llama": "model.layers.1.mlp.up_proj",
+                "gpt_neox": "gpt_neox.layers.1.mlp.dense_h_to_4h", "opt": "model.decoder.layers.1.fc1"}
+
+
+@pytest.mark.parametrize("name", list(WIDE_MODULES))
+def test_a_quoted_module_of_another_width_takes_its_own_vectors(name):
+    model, path = tiny_model(name), WIDE_MODULES[name]
+    for seed in SEEDS:
+        w = torch.randn(INTERMEDIATE, generator=torch.Generator().manual_seed(700 + seed))
+        inputs = batch(seed)
+        inj = garage.compile(model, f'at "{path}" add w * 0.5; at "{path}" capture x', bind={"w": w})
+        with torch.no_grad():
+            got = out_of(inj(**inputs))
+        seen: list[torch.Tensor] = []
+        want = reference(model, inputs, path, lambda h: seen.append(h + 0.5 * w) or h + 0.5 * w)
+        assert close(got, want) and torch.equal(inj.captures["x"], seen[0]), (name, seed)
+    (error,) = garage.check(model, f'at "{path}" add w', bind={"w": torch.randn(HIDDEN)}).errors
+    assert f"width is {INTERMEDIATE}" in error.message

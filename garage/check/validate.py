@@ -94,7 +94,6 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
         return [trace_diagnostic(failure, source.filename)], {}, failure
     prefix, position_inputs = placement(kind)
     hidden = plan.info.hidden_size
-    names = HiddenShape.of(base.graph, hidden)
     nodes = {n.name: n for n in base.graph.nodes}
     out: list[Diagnostic] = []
     for step, module in zip(plan, prepared.modules):
@@ -107,6 +106,7 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
         if part is None:
             continue
         try:
+            names = HiddenShape.of(base.graph, step.site.width or hidden)
             check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span)
         except Problem as problem:
             out.append(problem.diagnostic(source))

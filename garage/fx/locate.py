@@ -74,9 +74,10 @@ def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> li
 def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "") -> tuple[Node, list[Node]]:
     """The node holding the site's value, and the users that must see the injected value instead.
 
-    `prefix` is where the model sits in the exported module ("model." for the generation steps).
+    `prefix` is where the model sits in the exported module ("model." for the generation steps). `shape`
+    gives the site's last dimension (the hidden size, or the site's own width, as for `mlp.hidden`).
     """
-    inside = site.kind != "in"
+    inside = not site.is_input
     path = prefix + site.module_path
     found = _candidates(graph, path, shape, inside)
     if len(found) != 1:
@@ -84,7 +85,7 @@ def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "
         names = ", ".join(n.name for n in found) or "none"
         raise SiteNotFound(
             f"cannot find the {what} of {site.module_path} in the traced graph: "
-            f"{len(found)} [batch, seq, hidden] values qualify ({names})"
+            f"{len(found)} [batch, seq, {shape.hidden}] values qualify ({names})"
         )
     node = found[0]
     users = [u for u in node.users if in_scope(u, path) != inside]

@@ -39,7 +39,7 @@ def site_location(base: GraphModule, site: ConcreteSite, hidden: int, prefix: st
     known = _LOCATIONS.setdefault(base, {})
     if site.key not in known:
         order = {n.name: i for i, n in enumerate(base.graph.nodes)}
-        node, users = locate(base.graph, site, HiddenShape.of(base.graph, hidden), prefix)
+        node, users = locate(base.graph, site, HiddenShape.of(base.graph, site.width or hidden), prefix)
         # A block's input is the previous block's output: its ops come after that block's ops.
         known[site.key] = Location(node.name, tuple(u.name for u in users), 2 * order[node.name] + (site.kind == "in"))
     return known[site.key]

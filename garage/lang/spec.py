@@ -88,7 +88,7 @@ class Positions:
 
 
 # ------------------------------------------------------------------ sites
-COMPONENTS = ("out", "in", "attn", "mlp")
+COMPONENTS = ("out", "in", "attn", "mlp", "mlp.hidden")  # mlp.hidden: the FFN's intermediate activation
 LAYER_ALIASES = ("h", "layer", "layers", "blocks")
 NAMED_SITES = ("embed", "final")
 

@@ -128,8 +128,8 @@ class ToAst(Transformer_NonRecursive):
 
     def _block_site(self, meta: Meta, container: tuple[str, ...] | None, layers: ast.LayerSelector,
                     sub: tuple[str, ...]) -> ast.BlockSite:
-        if len(sub) == 1 and sub[0] in ast.COMPONENTS:
-            return ast.BlockSite(layers, sub[0], (), container, span=self._span(meta))
+        if (len(sub) == 1 and sub[0] in ast.COMPONENTS) or ".".join(sub) in ast.COMPONENTS:
+            return ast.BlockSite(layers, ".".join(sub), (), container, span=self._span(meta))
         component = "module" if sub else "out"
         return ast.BlockSite(layers, component, tuple(sub), container, span=self._span(meta))
 

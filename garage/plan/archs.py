@@ -7,8 +7,8 @@ discovery: the one ModuleList whose length is `num_hidden_layers`, with common s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -19,14 +19,17 @@ class ArchRow:
     attn: str | None  # inside a block: the module whose output is attention before its residual add
     mlp: str | None  # inside a block: the MLP (or MoE) before its residual add
     final_norm: str | None  # relative to the base model
+    down: str | None = None  # inside a block: the FFN's down projection, whose input is `h.I.mlp.hidden`
+    moe: bool = False  # the MLP is a mixture of experts (each expert has its own FFN)
 
 
-_LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm")
-_GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm")
+_LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm", "mlp.down_proj")
+_MOE = ArchRow("layers", "self_attn", "mlp", "norm", None, moe=True)
+_GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm", "mlp.down_proj")
 
 ARCHS: dict[str, ArchRow] = {
-    "gpt2": ArchRow("h", "attn", "mlp", "ln_f"),
-    "gptj": ArchRow("h", "attn", "mlp", "ln_f"),
+    "gpt2": ArchRow("h", "attn", "mlp", "ln_f", "mlp.c_proj"),
+    "gptj": ArchRow("h", "attn", "mlp", "ln_f", "mlp.fc_out"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -37,20 +40,21 @@ ARCHS: dict[str, ArchRow] = {
     "gemma2": _GEMMA_POST_NORM,
     "gemma3": _GEMMA_POST_NORM,
     "gemma3_text": _GEMMA_POST_NORM,
-    "mixtral": _LLAMA_LIKE,
-    "qwen2_moe": _LLAMA_LIKE,
-    "qwen3_moe": _LLAMA_LIKE,
-    "gpt_neox": ArchRow("layers", "attention", "mlp", "final_layer_norm"),
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
+    "qwen3_moe": _MOE,
+    "gpt_neox": ArchRow("layers", "attention", "mlp", "final_layer_norm", "mlp.dense_4h_to_h"),
     # OPT has no MLP module: fc2's output (flat [batch*seq, hidden]) is the MLP before its residual add.
-    "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm"),
+    "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm", "fc2"),
     # BERT's `attention` and `output` modules already contain residual + LayerNorm; their dense layers do not.
-    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None),
+    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None, "output.dense"),
 }
 
 # Used by discovery, in order of preference.
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 _FINAL_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+_DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
 
 
 def model_config(model: nn.Module) -> Any:
@@ -80,6 +84,10 @@ class ModelInfo:
     final_norm: str | None  # full path, e.g. "transformer.ln_f"
     module_names: frozenset[str]
     from_table: bool = True
+    down: str | None = None  # relative to a block: the FFN's down projection (see ArchRow)
+    ffn_width: int | None = None  # the width of its input, `h.I.mlp.hidden`
+    moe: bool = False
+    out_widths: Mapping[str, int] = field(default_factory=dict, hash=False)  # projections not hidden-wide out
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -120,7 +128,29 @@ class ModelInfo:
             final_norm=full(row.final_norm),
             module_names=frozenset(modules),
             from_table=model_type in ARCHS,
+            down=inside(row.down),
+            ffn_width=_input_width(modules.get(f"{blocks}.0.{row.down}")) if inside(row.down) else None,
+            moe=row.moe,
+            out_widths={name: w for name, m in modules.items() if (w := _output_width(m)) not in (None, hidden)},
         )
+
+
+def _input_width(module: nn.Module | None) -> int | None:
+    """How wide a projection's input is: a Linear's in_features, a GPT-2 Conv1D's weight rows."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if hasattr(module, "nf") and isinstance(weight, nn.Parameter) and weight.dim() == 2:  # Conv1D: [in, out]
+        return int(weight.shape[0])
+    return None
+
+
+def _output_width(module: nn.Module) -> int | None:
+    """How wide a projection's output is: a Linear's out_features, a GPT-2 Conv1D's `nf`."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    nf = getattr(module, "nf", None)
+    return nf if isinstance(nf, int) and isinstance(getattr(module, "weight", None), nn.Parameter) else None
 
 
 def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | None) -> str:
@@ -149,9 +179,13 @@ def _discover(modules: dict[str, nn.Module], blocks: str) -> ArchRow:
     def first(names: tuple[str, ...], pool: set[str]) -> str | None:
         return next((n for n in names if n in pool), None)
 
+    mlp = first(_MLP_NAMES, child_names)
+    inner = {name.split(".")[-1] for name in modules if mlp and name.startswith(f"{blocks}.0.{mlp}.")}
+    down = first(_DOWN_NAMES, inner)
     return ArchRow(
         rel_blocks,
         first(_ATTN_NAMES, child_names),
-        first(_MLP_NAMES, child_names),
+        mlp,
         first(_FINAL_NAMES, top),
+        f"{mlp}.{down}" if mlp and down else None,
     )

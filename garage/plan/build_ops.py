@@ -25,6 +25,7 @@ class BuildContext:
     captures: dict[str, torch.Tensor] = field(default_factory=dict)
     device: torch.device | None = None  # where the model's parameters live, and their dtype
     dtype: torch.dtype | None = None
+    width_name: str = "this model's hidden size"  # what `hidden` is, in messages (a site's own width)
 
 
 def _owned(module: nn.Module, span: Span, name: str, ctx: BuildContext) -> nn.Module:
@@ -95,7 +96,7 @@ def vector(value: ast.Value, ctx: BuildContext) -> tuple[torch.Tensor, dict[str,
     if tensor.numel() != ctx.hidden:
         raise Problem(
             value.span,
-            f"{_shown(value)} has {tensor.numel()} values {list(tensor.shape)} but this model's hidden size is {ctx.hidden}",
+            f"{_shown(value)} has {tensor.numel()} values {list(tensor.shape)} but {ctx.width_name} is {ctx.hidden}",
             f"use a [{ctx.hidden}] vector (the Same-Dimension rule), or a blade with `project topk` or `project linear`",
         )
     return tensor.reshape(ctx.hidden), loaded.metadata

@@ -7,7 +7,7 @@ Every problem found on the way is kept, stage by stage, so that `check` can repo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -101,7 +101,9 @@ def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None 
         module = None
         if step.statement not in failed:
             try:
-                module = place(build_op(step, ctx, key), model)
+                width = step.site.width
+                here = ctx if width is None else replace(ctx, hidden=width, width_name=f"{step.site.label}'s width")
+                module = place(build_op(step, here, key), model)
             except Problem as problem:
                 failed.add(step.statement)
                 unbuilt.append(problem.diagnostic(spec.source))

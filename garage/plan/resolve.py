@@ -25,17 +25,24 @@ from ..lang.diagnostics import (
 from ..lang.formatter import format_positions, format_string
 from .archs import ModelInfo
 
-SiteKind = str  # "in" | "out" | "attn" | "mlp" | "final" | "module"
+SiteKind = str  # "in" | "out" | "attn" | "mlp" | "mlp.hidden" | "final" | "module"
+INPUT_KINDS = ("in", "mlp.hidden")  # sites that are a module's input, not its output
 
 
 @dataclass(frozen=True)
 class ConcreteSite:
-    """One hidden state of one model. `module_path` is the module whose output it is (its input, for "in")."""
+    """One hidden state of one model. `module_path` is the module whose output it is (its input, for "in"
+    and "mlp.hidden"). `width` is the state's last dimension when it is not the model's hidden size."""
 
     kind: SiteKind
     layer: int | None
     module_path: str
     positions: ast.Positions | None = None
+    width: int | None = None
+
+    @property
+    def is_input(self) -> bool:
+        return self.kind in INPUT_KINDS
 
     @property
     def label(self) -> str:
@@ -117,6 +124,18 @@ def layer_indices(sel: ast.LayerSelector, n: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ sites
+def _ffn_hidden(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSite:
+    """`h.I.mlp.hidden`: the input of the FFN's down projection (after the activation and any gate)."""
+    if info.moe:
+        raise Problem(site.span, f"this model ({info.model_type}) has a mixture-of-experts MLP: each expert has its "
+                      "own hidden layer, run only on the tokens routed to it, so there is no one mlp.hidden",
+                      "use h.I.mlp (the MoE block's output), or name one expert's module by its quoted path")
+    if info.down is None or info.ffn_width is None:
+        raise Problem(site.span, f"this model ({info.model_type}) has no FFN down projection that garage knows",
+                      _ARCH_HINT)
+    return ConcreteSite("mlp.hidden", layer, f"{info.block(layer)}.{info.down}", site.positions, info.ffn_width)
+
+
 def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
     rel = {"attn": info.attn, "mlp": info.mlp}.get(kind)
     if kind in ("attn", "mlp") and rel is None:
@@ -137,8 +156,8 @@ def _classify(info: ModelInfo, path: str, positions: ast.Positions | None) -> Co
         if head.isdigit():
             layer = int(head)
             kind = {"": "out", info.attn: "attn", info.mlp: "mlp"}.get(rest, "module")
-            return ConcreteSite(kind, layer, path, positions)
-    return ConcreteSite("module", None, path, positions)
+            return ConcreteSite(kind, layer, path, positions, info.out_widths.get(path) if kind == "module" else None)
+    return ConcreteSite("module", None, path, positions, info.out_widths.get(path))
 
 
 def _module_path(info: ModelInfo, path: str, span: Span, scope: str = "") -> str:
@@ -183,6 +202,8 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
             sites.append(_classify(info, path, site.positions))
         elif site.component in ("in", "out"):
             sites.append(ConcreteSite(site.component, layer, info.block(layer), site.positions))
+        elif site.component == "mlp.hidden":
+            sites.append(_ffn_hidden(info, layer, site))
         else:
             sites.append(ConcreteSite(site.component, layer, _component_path(info, site.component, layer, site.span), site.positions))
     return sites

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..ops import AtPositions
-from ..plan.resolve import ConcreteSite
+from ..plan.resolve import INPUT_KINDS, ConcreteSite
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # the ops of one site, applied in order
 
@@ -91,7 +91,7 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
     for (kind, path), group in grouped.items():
         target = named[path]
         run = _runner(group, target, hooks.ctx)
-        if kind == "in":
+        if kind in INPUT_KINDS:
             hooks.handles.append(target.register_forward_pre_hook(_pre_hook(run), with_kwargs=True))
         else:
             hooks.handles.append(target.register_forward_hook(lambda _m, _a, out, run=run: _replace_hidden(out, run)))
