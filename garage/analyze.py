@@ -69,11 +69,14 @@ class LayerEffect:
 
 
 @torch.no_grad()
-def compare(model: nn.Module, spec: SpecLike, inputs: Inputs, bind: Mapping[str, object] | None = None) -> list[LayerEffect]:
-    """Per block (and the final norm where there is one): how far the spec moves the residual stream."""
+def compare(model: nn.Module, spec: SpecLike, inputs: Inputs, bind: Mapping[str, object] | None = None,
+            sites: Sequence[str] | None = None) -> list[LayerEffect]:
+    """Per site (by default each block's output and the final norm where there is one): how far the spec
+    moves it. Any sites work, e.g. `["h.*.mlp.hidden"]`."""
     tensors = _inputs(inputs)
     mask = tensors.get("attention_mask")
-    sites = ["h.*"] + (["final"] if _has_final(model) else [])
+    if sites is None:
+        sites = ["h.*"] + (["final"] if _has_final(model) else [])
     plain = capture(model, sites, tensors)
     steered = capture(model, sites, tensors, spec=spec, bind=bind)
     effects = []
@@ -94,8 +97,9 @@ def _has_final(model: nn.Module) -> bool:
 def effect_table(effects: Sequence[LayerEffect], width: int = 30) -> str:
     """A table a person can read: cosine, L2, and a bar of 1 − cosine (how much the direction changed)."""
     most = max((1 - e.cosine for e in effects), default=0.0) or 1.0
-    rows = [f"{'site':8} {'cosine':>8} {'L2':>10}  change"]
+    column = max([8, *(len(e.site) for e in effects)])
+    rows = [f"{'site':{column}} {'cosine':>8} {'L2':>10}  change"]
     for e in effects:
         bar = "█" * round(width * (1 - e.cosine) / most) if e.cosine < 1 - 1e-7 else ""
-        rows.append(f"{e.site:8} {e.cosine:8.4f} {e.l2:10.4f}  {bar}")
+        rows.append(f"{e.site:{column}} {e.cosine:8.4f} {e.l2:10.4f}  {bar}")
     return "\n".join(rows)

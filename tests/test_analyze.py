@@ -64,3 +64,18 @@ def test_capture_names_a_bad_site_clearly(gpt2):
     model, inputs = gpt2
     with pytest.raises(garage.ResolveError, match="layer 40 is out of range"):
         analyze.capture(model, "h.40", inputs)
+
+
+def test_the_ffn_hidden_layer_can_be_captured_and_compared(gpt2):
+    model, inputs = gpt2
+    seen = []
+    handle = model.transformer.h[2].mlp.c_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        states = analyze.capture(model, "h.2.mlp.hidden", inputs)
+    finally:
+        handle.remove()
+    assert torch.equal(states["h.2.mlp.hidden"], seen[0]) and seen[0].shape == (2, 22, 512)
+    effects = analyze.compare(model, "at h.3.mlp.hidden zero", inputs, sites=["h.*.mlp.hidden"])
+    assert [e.site for e in effects] == [f"h.{i}.mlp.hidden" for i in range(12)]
+    assert [e.cosine == pytest.approx(1.0) for e in effects[:3]] == [True] * 3 and effects[3].l2 > 0
+    assert "h.11.mlp.hidden" in analyze.effect_table(effects).splitlines()[-1]

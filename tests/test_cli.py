@@ -89,6 +89,7 @@ def test_explain_lists_sites_and_nodes(capsys, spec):
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["line:col", "site", "module"]
     assert any("h.8" in line and "blade gated" in line and "garage_op_" in line for line in lines)
+    assert lines[0].split()[4] == "shape" and all("[batch, seq, 128]" in line for line in lines[1:])
 
 
 def test_run_generates_with_and_without_the_spec(capsys, spec):

@@ -56,6 +56,15 @@ class HiddenShape:
         return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in flat)
 
 
+    def describe(self, value: object) -> str:
+        """A value's shape in words: `[batch, seq, 576]`, or `[batch*seq, 576]` for a flattened one."""
+        if not isinstance(value, torch.Tensor):
+            return "-"
+        names = {self.batch: "batch", self.seq: "seq", f"{self.batch}*{self.seq}": "batch*seq",
+                 f"{self.seq}*{self.batch}": "batch*seq"}
+        return "[" + ", ".join(names.get(str(d), str(d)) for d in value.shape) + "]"
+
+
 def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> list[Node]:
     if inside:  # module output: made inside, used outside
         return [

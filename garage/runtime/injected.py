@@ -21,7 +21,7 @@ from ..fx.export import (
     trace_diagnostic,
     vocab_size,
 )
-from ..fx.locate import SiteNotFound
+from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject
 from ..fx.steps import (
     GraphKey,
@@ -201,14 +201,18 @@ class InjectedModel(nn.Module):
 
     # ------------------------------------------------------------------ inspection
     def explain(self) -> str:
-        """One row a statement and site: line:col, site, module path, fx node, op. The fx nodes are those of
-        the graph the spec was checked on (the generation step for a causal LM), or of the scoring graph."""
+        """One row a statement and site: line:col, site, module path, shape, fx node, op. The fx nodes are
+        those of the graph the spec was checked on (the generation step for a causal LM), or of the scoring
+        graph; the shape is the site's value there."""
         graph = next(iter(self._graphs.values()), None) or self._graph(SCORING)
         nodes = {x.index: x.node for x in graph.inserted}
-        rows = [("line:col", "site", "module path", "fx node", "op")]
+        values = {n.name: n.meta.get("val") for n in graph.graph_module.graph.nodes}
+        sizes = HiddenShape.of(graph.graph_module.graph, self.plan.info.hidden_size)
+        rows = [("line:col", "site", "module path", "shape", "fx node", "op")]
         for i, step in enumerate(self.plan):
+            node = nodes.get(i, "-")
             rows.append((f"{step.span.line}:{step.span.column}", step.site.label, step.site.module_path,
-                         nodes.get(i, "-"), format_op(step.op)))
+                         sizes.describe(values.get(node)), node, format_op(step.op)))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
