@@ -107,12 +107,13 @@ def test_hooks_on_the_model_stay_out_of_every_traced_graph():
 def test_explain_has_one_row_a_site(llama):
     inj = garage.compile(llama, garage.parse("at h.1 scale 0.5\nat h.{0, 2}.mlp capture m", filename="e.garage"))
     rows = inj.explain().splitlines()
-    assert rows[0].split() == ["line:col", "site", "module", "path", "fx", "node", "op"]
+    assert rows[0].split() == ["line:col", "site", "module", "path", "shape", "fx", "node", "op"]
     assert rows[1].split()[:3] == ["1:1", "h.1", "model.layers.1"]
     assert rows[1].split()[-2:] == ["scale", "0.5"]
     assert [r.split()[1] for r in rows[2:]] == ["h.0.mlp", "h.2.mlp"]
+    assert all("[batch, seq, 64]" in r for r in rows[1:])
     fx_nodes = {n.name for n in inj.graph_module.graph.nodes}
-    assert all(r.split()[3] in fx_nodes for r in rows[1:])
+    assert all(r.split()[6] in fx_nodes for r in rows[1:])  # after the three words of the shape
     assert "garage_op_0" in inj.graph_module.code
 
 
