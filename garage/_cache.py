@@ -58,6 +58,17 @@ def writing(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _files(path: Path) -> list[Path]:
+    return [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+
+
+def usage() -> tuple[int, int]:
+    """(files, bytes) in the cache."""
+    folder = root()
+    files = _files(folder) if folder is not None and folder.is_dir() else []
+    return len(files), sum(f.stat().st_size for f in files)
+
+
 def clear() -> tuple[int, int]:
     """Delete every cache entry; returns (entries, bytes) removed."""
     folder = root()
@@ -66,7 +77,7 @@ def clear() -> tuple[int, int]:
     entries = size = 0
     for kind in folder.iterdir():
         for item in kind.iterdir() if kind.is_dir() else [kind]:
-            size += sum(f.stat().st_size for f in item.rglob("*") if f.is_file()) if item.is_dir() else item.stat().st_size
+            size += sum(f.stat().st_size for f in _files(item))
             entries += 1
             shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
     return entries, size

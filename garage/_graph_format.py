@@ -562,7 +562,7 @@ _RESERVED = frozenset(dir(GraphModule))  # forward, graph, code, training, …
 
 
 def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_tensors: dict[str, torch.Tensor],
-                symbols: _Symbols, with_vals: bool) -> GraphModule:
+                symbols: _Symbols) -> GraphModule:
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
     graph = Graph()
@@ -577,8 +577,7 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
     for target, attr in desc["attrs"].items():
         _check_target(target)
         if "graph" in attr:
-            owners[target] = _load_graph(desc["submodules"][attr["graph"]], tensors, root_tensors, symbols,
-                                         with_vals)
+            owners[target] = _load_graph(desc["submodules"][attr["graph"]], tensors, root_tensors, symbols)
             continue
         if "root" in attr:
             t = root_tensors.get(attr["root"])
@@ -616,7 +615,7 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
             raise Unsupported(f"node {entry['name']} was renamed {node.name}")
         if "stack" in entry:
             node.meta["nn_module_stack"] = dict(stacks[entry["stack"]])  # each node owns its dict, as in export
-        if with_vals and "val" in entry:
+        if "val" in entry:
             node.meta["val"] = _decode_val(entry["val"], symbols)
         nodes[entry["name"]] = node
 
@@ -630,11 +629,10 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
     return gm
 
 
-def load(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root: nn.Module,
-         with_vals: bool = True) -> GraphModule:
+def load(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root: nn.Module) -> GraphModule:
     """The GraphModule `desc` describes, over `root`'s live parameters and buffers (shared, not copied).
 
-    Its code is generated on first call (a lazy GraphModule). `with_vals=False` skips meta["val"]."""
+    Its code is generated on first call (a lazy GraphModule)."""
     if desc.get("format") != FORMAT:
         raise CacheMismatch(f"cache format {desc.get('format')}, expected {FORMAT}")
     if desc.get("torch") != torch.__version__:
@@ -642,7 +640,7 @@ def load(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root: nn.Module
     symbols = _Symbols(desc["symbols"], desc["exprs"])
     root_tensors = dict(root.named_buffers(remove_duplicate=False))
     root_tensors.update(root.named_parameters(remove_duplicate=False))
-    return _load_graph(desc["graph"], tensors, root_tensors, symbols, with_vals)
+    return _load_graph(desc["graph"], tensors, root_tensors, symbols)
 
 
 def save(path: str, desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -257,8 +257,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         entries, size = _cache.clear()
         print(f"removed {entries} entries ({size / 2**20:.1f} MiB) from {folder}")
     else:
-        files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
-        print(f"{folder}: {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB in {len(files)} files "
+        files, size = _cache.usage()
+        print(f"{folder}: {size / 2**20:.1f} MiB in {files} files "
               "(GARAGE_CACHE=DIR moves it, GARAGE_CACHE=off turns it off)")
     return EXIT_OK
 

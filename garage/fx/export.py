@@ -152,14 +152,15 @@ def _load_or_export(model: nn.Module, kind: str, make: Callable[[], GraphModule]
     """From garage's disk cache when an earlier process exported this graph; else exported, and kept."""
     start = time.perf_counter()
     with without_hooks(model):
-        graph = disk.load(model, kind)
+        folder = disk.entry(model, kind)  # keyed once: the key reads the model's source files
+        graph = disk.load(folder, model, kind)
         if graph is not None:
             log.info("loaded the cached %s graph of %s in %.2f s", kind, type(model).__name__,
                      time.perf_counter() - start)
             return graph
         graph = make()
         log.info("exported the %s graph of %s in %.1f s", kind, type(model).__name__, time.perf_counter() - start)
-        disk.store(model, kind, graph)
+        disk.store(folder, model, kind, graph)
     return graph
 
 

@@ -88,6 +88,16 @@ def kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [(t.shape[1], t.shape[3]) for t in flat_cache(cache)]
 
 
+STEP_ARGS = 5  # ids, mask, positions, prompt lengths, slots; then the cache buffers
+
+
+def cache_shapes(step: GraphModule) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of each cache buffer a step graph takes, read from its inputs' recorded shapes
+    (so generating needs no extra forward pass, also when the graph came from the disk cache)."""
+    buffers = [n for n in step.graph.nodes if n.op == "placeholder"][STEP_ARGS:]
+    return [(int(n.meta["val"].shape[1]), int(n.meta["val"].shape[3])) for n in buffers]
+
+
 def export_step(model: nn.Module) -> GraphModule:
     """The generation step graph, with batch, new tokens and cache length dynamic.
 

@@ -25,9 +25,9 @@ from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject
 from ..fx.steps import (
     GraphKey,
+    cache_shapes,
     can_generate,
     graph_of,
-    kv_shapes,
     placement,
     unpadded_possible,
 )
@@ -69,7 +69,6 @@ class InjectedModel(nn.Module):
         self._graphs: dict[GraphKey, Rewritten] = dict(graphs or {})
         self._runners: dict[GraphKey, Callable[..., Any]] = {}
         self._causal_path = unpadded_possible(model)
-        self._kv_shapes: list[tuple[int, int]] | None = None  # of the cache, learnt on the first generate
         self.train(model.training)
 
     # ------------------------------------------------------------------ graphs
@@ -179,10 +178,9 @@ class InjectedModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         self.captures.clear()
         sampling = Sampling(do_sample, temperature, top_k, top_p)
-        if self._kv_shapes is None:
-            self._kv_shapes = kv_shapes(self.model)
+        prompt_step, token_step = self._runner("step"), self._token_runner()
         dtype = next(self.model.parameters()).dtype
-        return decode_loop(self._runner("step"), self._token_runner(), self._kv_shapes, input_ids,
+        return decode_loop(prompt_step, token_step, cache_shapes(self._graph("step").graph_module), input_ids,
                            attention_mask, max_new_tokens, sampling, eos, pad_token_id, dtype)
 
     # ------------------------------------------------------------------ artefacts
