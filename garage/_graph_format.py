@@ -83,10 +83,11 @@ _PY_NAMES = {id(fn): name for name, fn in reversed(list(_PY_TARGETS.items()))}  
 
 
 def _encode_target(target: Any) -> Any:
-    if isinstance(target, torch._ops.OpOverload):
-        return {"op": target.name()}  # "aten::add.Tensor"
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return {"packet": target._qualified_op_name}
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        qualified = target.name() if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+        if qualified.partition("::")[0] not in OP_NAMESPACES:  # e.g. transformers' own kernels: not loadable
+            raise Unsupported(f"op {qualified} is outside the namespaces a cached graph may call")
+        return {"op" if isinstance(target, torch._ops.OpOverload) else "packet": qualified}  # "aten::add.Tensor"
     if isinstance(target, torch._ops.HigherOrderOperator):
         return {"hop": target.name()}
     name = _PY_NAMES.get(id(target))

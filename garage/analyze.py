@@ -3,6 +3,7 @@
 `capture` records hidden states by site name (through hooks, so nothing is traced). `layer_stats`
 summarises a tensor. `compare` runs the model with and without a spec and reports, per block, the
 cosine similarity and L2 distance between the two residual streams, over real (unpadded) tokens.
+`routing` does the same for MoE routers: how each expert's share of the tokens moves.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from . import ops
 from .compiler import SpecLike, hook
+from .lang.spec import Bias, Force
 from .plan.archs import ModelInfo
+from .plan.build_ops import at_site
 from .plan.prepare import sites_named
 from .runtime.hooks import HookSet, attach
 
@@ -29,14 +32,15 @@ def _inputs(inputs: Inputs) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def capture(model: nn.Module, sites: str | Sequence[str], inputs: Inputs, spec: SpecLike = "",
             bind: Mapping[str, object] | None = None) -> dict[str, torch.Tensor]:
-    """Hidden states at each site ("h.*", "h.6.mlp", "final", …), keyed by canonical site label.
+    """Hidden states at each site ("h.*", "h.6.mlp", "final", "h.3.attn.heads{0, 5}", …), keyed by canonical
+    site label, as `capture` records them (the chosen heads; zeros outside the chosen positions).
 
     With `spec`, its ops apply first (captures at a site come after the spec's ops there).
     """
     info = ModelInfo.from_model(model)
     targets = [site for text in ([sites] if isinstance(sites, str) else sites) for site in sites_named(info, text)]
     store: dict[str, torch.Tensor] = {}
-    recorders = [ops.Capture(store, site.label) for site in targets]
+    recorders = [at_site(ops.Capture(store, site.label), site) for site in targets]
     spec_hooks = hook(model, spec, bind)[0] if spec != "" else HookSet(model)
     with spec_hooks, attach(model, targets, recorders):  # attached after the spec's: they see its effect
         model(**_inputs(inputs))
@@ -81,13 +85,19 @@ def compare(model: nn.Module, spec: SpecLike, inputs: Inputs, bind: Mapping[str,
     steered = capture(model, sites, tensors, spec=spec, bind=bind)
     effects = []
     for label, a in steered.items():
-        b = plain[label]
-        if mask is not None and a.dim() == 3:
-            a, b = a[mask.bool()], b[mask.bool()]
-        a, b = a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1])
+        a, b = _per_token(a, mask), _per_token(plain[label], mask)
         cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
         effects.append(LayerEffect(label, cosine, (a - b).norm(dim=-1).mean().item()))
     return effects
+
+
+def _per_token(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[real tokens, width] from a site's value: heads side by side, flattened values and padding dropped."""
+    if h.dim() == 4:  # [batch, seq, heads, head size]
+        h = h.flatten(-2)
+    if mask is not None and h.shape[:-1] in (mask.shape, (mask.numel(),)):
+        h = h[mask.reshape(h.shape[:-1]).bool()]
+    return h.float().reshape(-1, h.shape[-1])
 
 
 def _has_final(model: nn.Module) -> bool:
@@ -102,4 +112,91 @@ def effect_table(effects: Sequence[LayerEffect], width: int = 30) -> str:
     for e in effects:
         bar = "█" * round(width * (1 - e.cosine) / most) if e.cosine < 1 - 1e-7 else ""
         rows.append(f"{e.site:{column}} {e.cosine:8.4f} {e.l2:10.4f}  {bar}")
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """How one MoE block routes, with the spec and without: per expert, its share of the routing mass (the
+    mean softmax probability over real tokens) and its share of the top-k slots (experts ranked by logit)."""
+
+    site: str
+    top_k: int
+    chosen: tuple[int, ...]  # the experts the spec's `bias` (positive) or `force` favours at this router
+    mass: tuple[float, ...]
+    plain_mass: tuple[float, ...]
+    slots: tuple[float, ...]
+    plain_slots: tuple[float, ...]
+
+    @property
+    def chosen_slots(self) -> float:
+        return sum(self.slots[e] for e in self.chosen)
+
+    @property
+    def plain_chosen_slots(self) -> float:
+        return sum(self.plain_slots[e] for e in self.chosen)
+
+
+def _favoured(step_op: object, module: nn.Module) -> tuple[int, ...]:
+    """The experts one router op favours: `force K` → K; `bias` → those it raises."""
+    if isinstance(step_op, Force):
+        return (step_op.expert,)
+    inner = ops.innermost(module)
+    if isinstance(step_op, Bias) and isinstance(inner, ops.Add):
+        raised = (inner.factor * inner.vector > 0).nonzero().flatten()
+        return tuple(int(e) for e in raised)
+    return ()
+
+
+def _shares(logits: torch.Tensor, real: torch.Tensor | None, top_k: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = _per_token(logits, real)
+    mass = x.softmax(-1).mean(0)
+    top = x.topk(top_k, -1)
+    live = (top.values > torch.finfo(x.dtype).min).float()  # a masked expert's slot carries no weight: not counted
+    picked = torch.zeros_like(mass).index_add_(0, top.indices.flatten(), live.flatten())
+    return tuple(mass.tolist()), tuple((picked / picked.sum()).tolist())
+
+
+@torch.no_grad()
+def routing(model: nn.Module, spec: SpecLike | None, inputs: Inputs, bind: Mapping[str, object] | None = None,
+            ) -> list[LayerRouting]:
+    """Per MoE block, how tokens are routed with the spec and without it (figures from each router's logits,
+    after the spec's ops there: softmax for the mass, top-k by logit for the slots)."""
+    info = ModelInfo.from_model(model)
+    if info.router is None:
+        raise ValueError(f"this model ({info.model_type}) has no mixture-of-experts router that garage knows")
+    tensors = _inputs(inputs)
+    real = tensors.get("attention_mask")
+    sites = [f"h.{i}.router" for i in range(info.num_layers) if info.has(i, info.router)]
+    top_k = info.experts_per_token or 1
+    chosen: dict[str, set[int]] = {}
+    spec_hooks = HookSet(model)
+    plain = capture(model, sites, tensors)
+    if spec not in (None, ""):
+        spec_hooks, prepared = hook(model, spec, bind)
+        for step, module in zip(prepared.plan, prepared.modules):
+            if step.site.kind == "router" and module is not None:
+                chosen.setdefault(f"h.{step.site.layer}.router", set()).update(_favoured(step.op, module))
+    with spec_hooks:
+        steered = capture(model, sites, tensors)
+    layers = []
+    for site in sites:
+        mass, slots = _shares(steered[site], real, top_k)
+        plain_mass, plain_slots = _shares(plain[site], real, top_k)
+        layers.append(LayerRouting(site, top_k, tuple(sorted(chosen.get(site, ()))), mass, plain_mass, slots, plain_slots))
+    return layers
+
+
+def routing_table(layers: Sequence[LayerRouting]) -> str:
+    """Per router: each expert's mass and top-k slot share, plain → with the spec; chosen experts marked *,
+    and their total slot share with the selectivity (how many times the plain share it is)."""
+    rows = [f"{'router':12} {'expert':>7} {'mass':>15} {'top-k slots':>15}"]
+    for layer in layers:
+        for e, (m0, m1, s0, s1) in enumerate(zip(layer.plain_mass, layer.mass, layer.plain_slots, layer.slots)):
+            mark = "*" if e in layer.chosen else " "
+            rows.append(f"{layer.site if e == 0 else '':12} {e:>6}{mark} {m0:6.3f} → {m1:5.3f} {s0:6.3f} → {s1:5.3f}")
+        if layer.chosen:
+            before, after = layer.plain_chosen_slots, layer.chosen_slots
+            ratio = f" ({after / before:.2f}×)" if before > 0 else ""
+            rows.append(f"{'':12} {'chosen':>7} {'':15} {before:6.3f} → {after:5.3f}{ratio}")
     return "\n".join(rows)

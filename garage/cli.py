@@ -19,7 +19,7 @@ from transformers import GenerationMixin
 
 from . import _cache, vectors
 from ._version import __version__
-from .analyze import compare, effect_table
+from .analyze import compare, effect_table, routing, routing_table
 from .check.validate import check
 from .compiler import compile as compile_spec
 from .lang.diagnostics import GarageError, GarageWarning
@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=_count, default=20, metavar="N", help="tokens to generate (default: 20)")
     run.add_argument("--compare", action="store_true",
                      help="also generate without the spec, and show how far the spec moves each layer")
+    run.add_argument("--routing", action="store_true",
+                     help="also show how each MoE router sends the prompt's tokens to experts, with and without the spec")
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--seed", type=int, default=0, help="seed for built-in models and sampling (default: 0)")
     run.add_argument("--compile", action="store_true", help="torch.compile the injected graphs (slow to start)")
@@ -217,6 +219,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(text(plain))
         print("== how far the spec moves each layer (on the prompt)")
         print(effect_table(compare(model, injected.plan.spec, dict(inputs))))
+    if args.routing:
+        print("== how each router sends the prompt's tokens to experts (without → with the spec; * chosen)")
+        print(routing_table(routing(model, injected.plan.spec, dict(inputs))))
     return EXIT_OK
 
 

@@ -1,7 +1,8 @@
 """Models by name: built-in models, Hugging Face hub ids, and folders.
 
 Built-in models:
-- `tiny:gpt2` and `tiny:llama` are made on the spot (nothing downloaded): random weights (seeded) and a
+- `tiny:gpt2`, `tiny:llama` and `tiny:mixtral` (8 experts, top-2: for router specs) are made on the spot
+  (nothing downloaded): random weights (seeded) and a
   character tokenizer that needs no files, the 95 printable ASCII characters plus <unk>, <bos>, <eos> and
   <pad>. Their text is gibberish, but readable, and every code path is the real one.
 - `smollm2` is SmolLM2-135M-Instruct, a real 30-layer Llama chat model. It comes from the Hugging Face
@@ -65,7 +66,18 @@ def _tiny_llama() -> PreTrainedModel:
     return LlamaForCausalLM(config)
 
 
-TINY: dict[str, Callable[[], PreTrainedModel]] = {"tiny:gpt2": _tiny_gpt2, "tiny:llama": _tiny_llama}
+def _tiny_mixtral() -> PreTrainedModel:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.3,
+                           max_position_embeddings=512, vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS,
+                           pad_token_id=PAD)
+    return MixtralForCausalLM(config)
+
+
+TINY: dict[str, Callable[[], PreTrainedModel]] = {"tiny:gpt2": _tiny_gpt2, "tiny:llama": _tiny_llama,
+                                                  "tiny:mixtral": _tiny_mixtral}
 SMOLLM2 = "smollm2"
 BUILTIN = (*TINY, SMOLLM2)
 FALLBACK_MODEL = "tiny:gpt2"

@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (16 mutations, about 3 minutes on 2 cores)
+    python tests/mutations.py            # every mutation (21 mutations, about 8 minutes on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py"]
+TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py"]
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
@@ -44,6 +44,14 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "last position": ("garage/ops/positions.py", "expand(batch, seq) == seq - 1", "expand(batch, seq) >= seq - 2"),
     "block input order": ("garage/fx/rewrite.py", "2 * order[node.name] + (site.kind == \"in\")",
                           "2 * order[node.name] - (site.kind == \"in\")"),
+    "heads put back": ("garage/ops/heads.py", "index_copy(-2, self.index, out.to(h.dtype))",
+                       "index_copy(-2, self.index.flip(0), out.to(h.dtype))"),
+    "heads chosen": ("garage/ops/heads.py", "split.index_select(-2, self.index)",
+                     "split.index_select(-2, (self.index + 1) % self.count)"),
+    "router mask value": ("garage/ops/experts.py", "torch.finfo(logits.dtype).min", "-10.0"),
+    "router bias on one": ("garage/plan/build_ops.py", "profile[list(named)] = 1.0", "profile[list(named)[:1]] = 1.0"),
+    "router logits": ("garage/fx/locate.py", "in_scope(n, path) and shape.matches(n)][:1]",
+                      "in_scope(n, path) and shape.matches(n)][-1:]"),
 }
 
 

@@ -124,3 +124,15 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"garage {garage.__version__}"
+
+
+def test_run_shows_routing_on_an_moe_model(capsys, tmp_path):
+    spec = tmp_path / "route.garage"
+    spec.write_text("at h.1.router bias {2, 5} * 6\nat h.2.router force 3\n")
+    assert main(["run", str(spec), "--model", "tiny:mixtral", "--max-new-tokens", "3", "--routing"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("== how each router"):].splitlines()[2:]  # after the title and the header
+    chosen = [line.split() for line in table if line.split()[:1] == ["chosen"]]
+    assert len(chosen) == 2 and chosen[1][3] == "1.000", chosen  # force 3: expert 3 takes every live slot
+    experts = [line.split() for line in table if line.split()[:1] != ["chosen"]]
+    assert len(experts) == 4 * 8 and experts[8][:2] == ["h.1.router", "0"], experts[8]

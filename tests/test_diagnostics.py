@@ -75,8 +75,8 @@ def test_rendering_is_compiler_style():
         "s.garage:2:10: error: unknown op 'scael'\n"
         "    at h.6 scael 0.9\n"
         "           ^^^^^\n"
-        "  hint: did you mean 'scale'? (expected 'ablate', 'add', 'blade', 'capture', 'clamp', 'debate', "
-        "'module', 'noise', 'scale', 'zero')"
+        "  hint: did you mean 'scale'? (expected 'ablate', 'add', 'bias', 'blade', 'capture', 'clamp', 'debate', "
+        "'force', 'mask', 'module', 'noise', 'scale', 'zero')"
     )
 
 

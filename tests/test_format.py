@@ -35,6 +35,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
         ('expect model "gpt2"', 'expect model "gpt2"'),
         ("at h.1 scale 1e20", "at h.1 scale 1e+20"),
         ("at 0.001% zero", "at h.0.001% zero"),
+        ("at h.3.attn.heads{ 5,1,2,3 ,3}[ last ] zero", "at h.3.attn.heads{1..3, 5}[last] zero"),
+        ("at h.1.router bias{2,5}*8.0", "at h.1.router bias {2, 5} * 8"),
+        ('at h.1.router bias "p.safetensors"', 'at h.1.router bias "p.safetensors"'),
+        ("at h.1.router mask {1..2}", "at h.1.router mask {1, 2}"),
+        ("at h.*.router force 03", "at h.*.router force 3"),
     ],
 )
 def test_canonical(text, canonical):
@@ -91,9 +96,12 @@ positions = st.one_of(
     st.tuples(st.integers(0, 9), st.integers(10, 20)).map(lambda t: f"[{t[0]}:{t[1]}]"),
 )
 alias = st.sampled_from(["h.", "layer.", "layers.", "blocks.", "", "transformer.h.", "model.layers."])
-component = st.sampled_from(["", ".out", ".in", ".attn", ".mlp", ".self_attn.o_proj"])
+component = st.sampled_from(["", ".out", ".in", ".attn", ".mlp", ".self_attn.o_proj", ".mlp.hidden", ".router"])
+int_set = st.lists(st.one_of(ints, st.tuples(st.integers(0, 9), st.integers(9, 20)).map(lambda t: f"{t[0]}..{t[1]}")),
+                   min_size=1, max_size=4).map(lambda xs: "{" + ", ".join(xs) + "}")
 site = st.one_of(
     st.tuples(alias, layers, component, positions).map("".join),
+    st.tuples(alias, layers, st.one_of(st.just(""), int_set), positions).map(lambda t: f"{t[0]}{t[1]}.attn.heads{t[2]}{t[3]}"),
     st.tuples(st.sampled_from(["embed", "final", "transformer.ln_f"]), positions).map("".join),
     st.tuples(strings, positions).map("".join),
 )
@@ -124,6 +132,10 @@ op = st.one_of(
         st.one_of(st.just(""), numbers.map(lambda n: f" strength {n}")),
     ).map(lambda t: "debate " + "".join(t)),
     names.map(lambda n: f"capture {n}"),
+    st.tuples(st.one_of(int_set, value), st.one_of(st.just(""), numbers.map(lambda n: f" * {n}"))).map(
+        lambda t: f"bias {t[0]}{t[1]}"),
+    int_set.map(lambda s: f"mask {s}"),
+    ints.map(lambda i: f"force {i}"),
 )
 statement = st.one_of(
     st.tuples(site, op).map(lambda t: f"at {t[0]} {t[1]}"),

@@ -103,3 +103,10 @@ def test_chat_replies_through_the_template(capsys):
     reply = capsys.readouterr().out.splitlines()[1]
     assert "<|im_start|>" not in reply and not reply.startswith(("system", "user", "assistant"))
     assert len(re.findall(r"[A-Za-z']+", reply)) >= 5, reply
+
+
+def test_the_heads_example_moves_only_the_layers_after_its_block(capsys):
+    assert main(["run", str(EXAMPLES / "heads.garage"), "--compare", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if re.match(r"h\.\d+ ", line)}
+    assert rows["h.0"] == 1.0 and rows["h.1"] < 0.999 and len(rows) == 30, rows

@@ -132,9 +132,48 @@ _REGISTRY: dict[str, tuple[type, type, type, dict]] = {
         hf.Qwen3MoeConfig, hf.Qwen3MoeForCausalLM, hf.Qwen3MoeModel,
         dict(**_LLAMA_LIKE, **_GQA, **_MOE),
     ),
+    "olmoe": (
+        hf.OlmoeConfig, hf.OlmoeForCausalLM, hf.OlmoeModel,
+        dict(**_LLAMA_LIKE, **_GQA, num_experts=EXPERTS, num_experts_per_tok=TOP_K),
+    ),
+    "phimoe": (
+        hf.PhimoeConfig, hf.PhimoeForCausalLM, hf.PhimoeModel,
+        dict(**_LLAMA_LIKE, **_GQA, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K),
+    ),
+    "granitemoe": (
+        hf.GraniteMoeConfig, hf.GraniteMoeForCausalLM, hf.GraniteMoeModel,
+        dict(**_LLAMA_LIKE, **_GQA, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K),
+    ),
+    # DeepSeek: block 0 keeps a dense MLP (first_k_dense_replace), the others route; experts in 2 groups.
+    "deepseek_v2": (
+        hf.DeepseekV2Config, hf.DeepseekV2ForCausalLM, hf.DeepseekV2Model,
+        dict(**_LLAMA_LIKE, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=32,
+             first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    ),
+    "deepseek_v3": (
+        hf.DeepseekV3Config, hf.DeepseekV3ForCausalLM, hf.DeepseekV3Model,
+        dict(**_LLAMA_LIKE, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=32,
+             first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    ),
+    "jetmoe": (
+        hf.JetMoeConfig, hf.JetMoeForCausalLM, hf.JetMoeModel,
+        dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS,
+             kv_channels=HIDDEN // HEADS, intermediate_size=INTERMEDIATE, max_position_embeddings=MAX_POS,
+             num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, **_TOKENS),
+    ),
+    "gpt_oss": (
+        hf.GptOssConfig, hf.GptOssForCausalLM, hf.GptOssModel,
+        dict(**_LLAMA_LIKE, **_GQA, head_dim=HIDDEN // HEADS, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+             sliding_window=WINDOW),
+    ),
 }
 
-ARCH_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The families every test sweeps; the further MoE families are swept by the router tests (MOE_NAMES).
+ARCH_NAMES: tuple[str, ...] = tuple(_REGISTRY)[: list(_REGISTRY).index("qwen3_moe") + 1]
+MOE_NAMES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "deepseek_v2",
+                              "deepseek_v3", "jetmoe", "gpt_oss")
 
 
 def _entry(name: str) -> tuple[type, type, type, dict]:
@@ -167,4 +206,4 @@ def tiny_model(name: str, seed: int = 0, *, head: bool = True, **overrides) -> n
     return model.to(torch.float32).eval()
 
 
-__all__ = ["ARCH_NAMES", "tiny_config", "tiny_model"]
+__all__ = ["ARCH_NAMES", "MOE_NAMES", "tiny_config", "tiny_model"]

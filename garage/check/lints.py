@@ -93,7 +93,7 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
         if isinstance(step.op, ast.Blade) and step.op.method == "identity":
             yield Finding(step, "`blade identity` adds the blade ungated; learned gating did better (+8.9%)",
                           "write `blade gated`", "gated-over-identity")
-        inner = module.inner if isinstance(module, ops.AtPositions) else module
+        inner = ops.innermost(module) if module is not None else None
         if isinstance(inner, ops.Blade) and isinstance(inner.source, ops.TensorSource):
             domain = inner.source.metadata.get("domain")
             if domain:
@@ -110,7 +110,7 @@ def vector_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator
     """Warnings: a steering vector used on another model type, or at another layer, than it was made at
     (as its file records; its hidden size is checked when it is loaded)."""
     for step, module in zip(plan, modules):
-        inner = module.inner if isinstance(module, ops.AtPositions) else module
+        inner = ops.innermost(module) if module is not None else None
         if not isinstance(inner, (ops.Add, ops.Ablate)) or not inner.metadata:
             continue
         made = inner.metadata

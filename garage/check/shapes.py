@@ -4,6 +4,8 @@ sequence, so a module that would break the model is reported before any real ten
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -12,15 +14,20 @@ from .._compat import fake_mode_of, fake_tensor_limits, statically_known_true
 from ..fx.locate import HiddenShape
 from ..lang.diagnostics import Problem, Span
 
+View = Callable[[torch.Tensor], torch.Tensor]
 
-def user_module(module: nn.Module) -> tuple[nn.Module, str] | None:
-    """The part of an op that is user code (a bound, registered or source module) and what it must return."""
-    inner = module.inner if isinstance(module, ops.AtPositions) else module
+
+def user_module(module: nn.Module) -> tuple[nn.Module, str, View] | None:
+    """The part of an op that is user code (a bound, registered or source module), what it must return, and
+    what it sees of the site's value (the chosen heads, at an attn.heads site)."""
+    inner = ops.innermost(module)
+    heads = next((m for m in module.modules() if isinstance(m, ops.Heads)), None)
+    view: View = heads.select if heads is not None else (lambda h: h)
     if isinstance(inner, ops.Blade) and isinstance(inner.source, ops.ModuleSource):
-        return inner.source.module, "blade"
+        return inner.source.module, "blade", view
     if isinstance(inner, ops.Op):  # garage's own ops keep the shape by construction
         return None
-    return inner, "module"
+    return inner, "module", view
 
 
 def describe(shape: torch.Size, names: HiddenShape) -> str:
@@ -33,12 +40,15 @@ def _same(a: torch.Size, b: torch.Size) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
-def check_module(module: nn.Module, role: str, value: torch.Tensor, names: HiddenShape, span: Span) -> None:
-    """Run `module` on the fake `value`; raise Problem if its output cannot replace (or, for a blade, add to) it."""
+def check_module(module: nn.Module, role: str, site_value: torch.Tensor, names: HiddenShape, span: Span,
+                 view: View = lambda h: h) -> None:
+    """Run `module` on what it sees of the fake `site_value`; raise Problem if its output cannot replace (or,
+    for a blade, add to) that."""
     what = f"{'blade source module' if role == 'blade' else 'module'} {type(module).__name__}"
-    with fake_mode_of(value) as mode:
+    with fake_mode_of(site_value) as mode:
         if mode is None:  # a real tensor: nothing was traced, nothing to check
             return
+        value = view(site_value)
         try:
             with torch.no_grad():
                 out = module(value)

@@ -107,7 +107,7 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
             continue
         try:
             names = HiddenShape.of(base.graph, step.site.width or hidden)
-            check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span)
+            check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span, part[2])
         except Problem as problem:
             out.append(problem.diagnostic(source))
     out = list(dict.fromkeys(out))  # a statement over many layers reports the same problem once

@@ -1,9 +1,11 @@
 """Find the fx node that holds each site's hidden state, using the `nn_module_stack` that export records.
 
 A module's output is the single [batch, seq, hidden] value (or flat [batch*seq, hidden], as OPT's MLP
-gives) computed inside the module's scope and used outside it. A block's input is the single such value
-computed outside the block and used inside it. A site found zero or several times is an error naming
-the site, never a guess.
+gives) computed inside the module's scope and used outside it (of several, the one that depends on all
+the others). A block's input is the single such value
+computed outside the block and used inside it. A router's logits are the first value of [tokens,
+experts] computed inside the router. A site found zero or several times is an error naming the site,
+never a guess.
 """
 
 from __future__ import annotations
@@ -56,22 +58,48 @@ class HiddenShape:
         return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in flat)
 
 
-    def describe(self, value: object) -> str:
-        """A value's shape in words: `[batch, seq, 576]`, or `[batch*seq, 576]` for a flattened one."""
+    def describe(self, value: object, heads: int = 0) -> str:
+        """A value's shape in words: `[batch, seq, 576]`, `[batch*seq, 576]` for a flattened one, and
+        `[batch, seq, 9×64]` for one split into 9 heads."""
         if not isinstance(value, torch.Tensor):
             return "-"
         names = {self.batch: "batch", self.seq: "seq", f"{self.batch}*{self.seq}": "batch*seq",
                  f"{self.seq}*{self.batch}": "batch*seq"}
-        return "[" + ", ".join(names.get(str(d), str(d)) for d in value.shape) + "]"
+        dims = [names.get(str(d), str(d)) for d in value.shape]
+        if heads:
+            dims[-1] = f"{heads}×{int(value.shape[-1]) // heads}"
+        return "[" + ", ".join(dims) + "]"
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen: set[Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _downstream_of_the_rest(found: list[Node]) -> list[Node]:
+    """Of several outputs, the one that depends on all the others, if there is one: a module's output
+    depends on everything it computed, while a value it only passes through (such as a norm's no-op cast
+    of its input, which the residual add reads too) does not depend on the output."""
+    for node in found:
+        before = _ancestors(node)
+        if all(other in before for other in found if other is not node):
+            return [node]
+    return found
 
 
 def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> list[Node]:
     if inside:  # module output: made inside, used outside
-        return [
+        return _downstream_of_the_rest([
             n for n in graph.nodes
             if n.op != "get_attr" and in_scope(n, path) and shape.matches(n)
             and any(not in_scope(u, path) for u in n.users)
-        ]
+        ])
     # block input: made outside, used inside
     return [
         n for n in graph.nodes
@@ -86,8 +114,14 @@ def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "
     `prefix` is where the model sits in the exported module ("model." for the generation steps). `shape`
     gives the site's last dimension (the hidden size, or the site's own width, as for `mlp.hidden`).
     """
-    inside = not site.is_input
     path = prefix + site.module_path
+    if site.kind == "router":  # the logits: the first value the router computes, read inside and out
+        found = [n for n in graph.nodes if n.op != "get_attr" and in_scope(n, path) and shape.matches(n)][:1]
+        if not found:
+            raise SiteNotFound(f"cannot find the router logits of {site.module_path} in the traced graph: "
+                               f"no [batch*seq, {shape.hidden}] value is computed inside it")
+        return found[0], list(found[0].users)
+    inside = not site.is_input
     found = _candidates(graph, path, shape, inside)
     if len(found) != 1:
         what = "output" if inside else "input"

@@ -89,11 +89,26 @@ def format_site(site: ast.Site) -> str:
             text += "." + ".".join(site.subpath)
         elif site.component != "out":
             text += f".{site.component}"
+        if site.heads is not None:
+            text += format_int_set(site.heads)
     elif isinstance(site, ast.NamedSite):
         text = site.name
     else:
         text = format_string(site.path)
     return text + format_positions(site.positions)
+
+
+def format_int_set(items: tuple[int, ...]) -> str:
+    """`{0, 1, 2, 5}` → `{0..2, 5}`: runs of three or more become ranges."""
+    parts: list[str] = []
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts += [f"{items[i]}..{items[j]}"] if j - i >= 2 else [str(x) for x in items[i:j + 1]]
+        i = j + 1
+    return "{" + ", ".join(parts) + "}"
 
 
 # ------------------------------------------------------------------ ops
@@ -145,6 +160,14 @@ def format_op(op: ast.Op) -> str:
             words += ["views", op.views]
         if op.strength is not None:
             words += ["strength", format_number(op.strength)]
+    elif isinstance(op, ast.Bias):
+        words.append(format_int_set(op.experts) if isinstance(op.experts, tuple) else format_value(op.experts))
+        if op.factor is not None:
+            words += ["*", format_number(op.factor)]
+    elif isinstance(op, ast.Mask):
+        words.append(format_int_set(op.experts))
+    elif isinstance(op, ast.Force):
+        words.append(str(op.expert))
     elif isinstance(op, ast.Capture):
         words.append(op.name)
     return " ".join(words)

@@ -88,7 +88,9 @@ class Positions:
 
 
 # ------------------------------------------------------------------ sites
-COMPONENTS = ("out", "in", "attn", "mlp", "mlp.hidden")  # mlp.hidden: the FFN's intermediate activation
+# mlp.hidden: the FFN's intermediate activation; attn.heads: each head's output before the attention's output
+# projection; router: an MoE block's router logits.
+COMPONENTS = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "router")
 LAYER_ALIASES = ("h", "layer", "layers", "blocks")
 NAMED_SITES = ("embed", "final")
 
@@ -99,7 +101,8 @@ class BlockSite:
 
     `container` is None for an alias (`h`, `layers`, …) or a bare index, else the model's own container
     path as written (`("transformer", "h")`). `subpath` is a module path inside the block; when it is
-    set, `component` is "module".
+    set, `component` is "module". `heads` is the head subset of an `attn.heads` site (`{0, 5}`): sorted
+    head indices, or None for every head.
     """
 
     layers: LayerSelector
@@ -107,6 +110,7 @@ class BlockSite:
     subpath: tuple[str, ...] = ()
     container: tuple[str, ...] | None = None
     positions: Positions | None = None
+    heads: tuple[int, ...] | None = None
     span: Span = _span()
 
 
@@ -239,14 +243,46 @@ class Debate:
 
 
 @dataclass(frozen=True)
+class Bias:
+    """`bias {2, 5} * 8` (those experts' router logits + 8) or `bias VALUE * F` (+ F × an [experts] vector)."""
+
+    keyword: ClassVar[str] = "bias"
+    experts: tuple[int, ...] | Value
+    factor: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Mask:
+    """`mask {0, 1}`: those experts cannot be selected."""
+
+    keyword: ClassVar[str] = "mask"
+    experts: tuple[int, ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Force:
+    """`force 3`: every token goes to expert 3."""
+
+    keyword: ClassVar[str] = "force"
+    expert: int
+    span: Span = _span()
+
+
+ROUTER_OPS = (Bias, Mask, Force)  # ops on router logits only
+
+
+@dataclass(frozen=True)
 class Capture:
     keyword: ClassVar[str] = "capture"
     name: str
     span: Span = _span()
 
 
-Op = Union[Scale, Add, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Capture]
-OP_KEYWORDS = ("scale", "add", "ablate", "zero", "clamp", "noise", "module", "blade", "debate", "capture")
+Op = Union[Scale, Add, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Capture]
+OP_KEYWORDS = ("scale", "add", "ablate", "zero", "clamp", "noise", "module", "blade", "debate", "bias", "mask", "force",
+               "capture")
 
 
 # ------------------------------------------------------------------ statements

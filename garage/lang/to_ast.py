@@ -53,6 +53,14 @@ def _file_value(text: str, span: Span) -> ast.FileValue:
     return ast.FileValue(text, None, span)
 
 
+@dataclass(frozen=True)
+class HeadSet:
+    """A head subset as parsed, with its span (for the error when its site has no heads)."""
+
+    items: tuple[int, ...]
+    span: Span
+
+
 Clause = tuple[str, Any, Span]  # a blade or debate clause: (field, value, span)
 
 
@@ -105,8 +113,31 @@ class ToAst(Transformer_NonRecursive):
 
     # sites -----------------------------------------------------------
     def site(self, meta: Meta, children: list[Any]) -> ast.Site:
-        positions = children[1] if len(children) > 1 else None
-        return replace(children[0], positions=positions, span=self._span(meta))
+        site, rest = children[0], children[1:]
+        positions = next((c for c in rest if isinstance(c, ast.Positions)), None)
+        heads = next((c for c in rest if isinstance(c, HeadSet)), None)
+        if heads is None:
+            return replace(site, positions=positions, span=self._span(meta))
+        if not (isinstance(site, ast.BlockSite) and site.component == "attn.heads"):
+            raise Problem(heads.span, "a set in braces after a site chooses attention heads, and this site has none",
+                          "write h.I.attn.heads{0, 5}; token positions go in brackets, as in h.I[last]")
+        return replace(site, heads=heads.items, positions=positions, span=self._span(meta))
+
+    def head_set(self, meta: Meta, children: list[Any]) -> "HeadSet":
+        return HeadSet(children[0], self._span(meta))
+
+    def int_set(self, meta: Meta, children: list[Any]) -> tuple[int, ...]:
+        """`{0, 5, 8..11}`: sorted, without repeats (heads or experts, counted from 0)."""
+        found: set[int] = set()
+        for item in children:
+            found.update(item if isinstance(item, range) else (self._int(item, "index"),))
+        return tuple(sorted(found))
+
+    def int_range(self, meta: Meta, children: list[Any]) -> range:
+        start, end = (self._int(c, "index") for c in children)
+        if end < start:
+            raise Problem(self._span(meta), f"empty range {start}..{end}", f"write {end}..{start}")
+        return range(start, end + 1)
 
     def raw_site(self, meta: Meta, children: list[Any]) -> ast.ModuleSite:
         return ast.ModuleSite(_unquote(children[0]), span=self._span(meta))
@@ -302,6 +333,17 @@ class ToAst(Transformer_NonRecursive):
             raise Problem(span, f"dropout strength {strength:g} is not a probability in [0, 1)",
                           "give the share of values each view drops, e.g. strength 0.1")
         return ast.Debate(children[0], **clauses, span=self._span(meta))
+
+    def bias_experts(self, meta: Meta, children: list[Any]) -> ast.Bias:
+        return ast.Bias(children[0], children[1] if len(children) > 1 else None, self._span(meta))
+
+    bias_value = bias_experts
+
+    def mask(self, meta: Meta, children: list[Any]) -> ast.Mask:
+        return ast.Mask(children[0], self._span(meta))
+
+    def force(self, meta: Meta, children: list[Any]) -> ast.Force:
+        return ast.Force(self._int(children[0], "expert"), self._span(meta))
 
     def capture(self, meta: Meta, children: list[Any]) -> ast.Capture:
         return ast.Capture(str(children[0]), self._span(meta))

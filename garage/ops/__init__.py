@@ -11,13 +11,17 @@ from .blade import Blade, ModuleSource, TensorSource
 from .capture import Capture
 from .clamp import Clamp
 from .debate import Debate, chamber
+from .experts import MaskExperts
+from .heads import Heads
 from .module import REGISTRY, register
 from .noise import Noise
 from .positions import AtPositions
 from .scale import Scale
+from .wrapper import Wrapper, innermost
 from .zero import Zero
 
 __all__ = [
-    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "ModuleSource", "Noise", "Op",
-    "REGISTRY", "Scale", "TensorSource", "Zero", "chamber", "place", "placement", "register",
+    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "Heads", "MaskExperts", "ModuleSource",
+    "Noise", "Op", "REGISTRY", "Scale", "TensorSource", "Wrapper", "Zero", "chamber", "innermost", "place",
+    "placement", "register",
 ]

@@ -8,6 +8,8 @@ from .base import Op
 class Capture(Op):
     """h unchanged; a detached copy is kept in `store[key]` (the InjectedModel's `.captures`)."""
 
+    observes_only = True
+
     def __init__(self, store: dict[str, torch.Tensor], key: str) -> None:
         super().__init__()
         self.store = store

@@ -3,10 +3,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capture import Capture
+from .wrapper import Wrapper
 
 
-class AtPositions(nn.Module):
+class AtPositions(Wrapper):
     """Applies `inner` at some sequence positions only; the others pass through unchanged.
 
     Positions are absolute: counted from the first real (unpadded) token of the prompt, which is what
@@ -35,7 +35,7 @@ class AtPositions(nn.Module):
         from `cumsum(attention_mask) - 1`. Padding is read from the mask when it is aligned with h.
         """
         rows = next((t.shape[0] for t in (input_ids, attention_mask, position_ids, prompt_length) if t is not None), 1)
-        batch = h.shape[0] if h.dim() == 3 else rows  # OPT flattens h to [batch*seq, hidden]
+        batch = h.shape[0] if h.dim() == 3 else rows  # OPT's MLP and routers flatten h to [batch*seq, width]
         seq = h.shape[1] if h.dim() == 3 else h.shape[0] // batch
         if position_ids is not None:
             pos = position_ids.expand(batch, seq)
@@ -66,7 +66,7 @@ class AtPositions(nn.Module):
         input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sel = self.selected(h, attention_mask, prompt_length, position_ids, input_ids).reshape(*h.shape[:-1], 1)
-        if isinstance(self.inner, Capture):  # keeps the selected positions, zeros elsewhere, full shape
+        if self.observes_only:  # a capture keeps the selected positions, zeros elsewhere, full shape
             self.inner(torch.where(sel, h, torch.zeros_like(h)))
             return h
         return torch.where(sel, self.inner(h), h)

@@ -14,7 +14,7 @@ from .. import ops
 from ..lang import spec as ast
 from ..lang.diagnostics import Problem, Span, did_you_mean
 from .files import FileProblem, LoadedTensor, load_tensor
-from .resolve import Plan, Step
+from .resolve import ConcreteSite, Plan, Step
 
 
 @dataclass
@@ -199,13 +199,51 @@ def capture_keys(plan: Plan) -> list[str | None]:
     return keys
 
 
+def _experts(op: ast.Bias | ast.Mask | ast.Force, step: Step, ctx: BuildContext) -> tuple[int, ...]:
+    """The experts a router op names, checked against the router's expert count (ctx.hidden at a router site)."""
+    if step.site.kind != "router":
+        raise Problem(op.span, f"`{op.keyword}` acts on router logits, and {step.site.label} is not a router",
+                      "write it at an MoE block's router: at h.I.router " + op.keyword + " …")
+    named = (op.expert,) if isinstance(op, ast.Force) else op.experts if isinstance(op.experts, tuple) else ()
+    if named and max(named) >= ctx.hidden:
+        raise Problem(op.span, f"expert {max(named)} is out of range: this router scores {ctx.hidden} experts "
+                      f"(0..{ctx.hidden - 1})", f"choose experts in 0..{ctx.hidden - 1}")
+    return named
+
+
+def _router_op(op: ast.Bias | ast.Mask | ast.Force, step: Step, ctx: BuildContext) -> nn.Module:
+    named = _experts(op, step, ctx)
+    if isinstance(op, ast.Force):
+        return ops.MaskExperts(ctx.hidden, tuple(e for e in range(ctx.hidden) if e != op.expert))
+    if isinstance(op, ast.Mask):
+        if len(named) == ctx.hidden:
+            raise Problem(op.span, f"this masks all {ctx.hidden} experts: no token could be routed",
+                          "leave at least one expert unmasked, or use `force K` to route every token to expert K")
+        return ops.MaskExperts(ctx.hidden, named)
+    factor = 1.0 if op.factor is None else op.factor
+    if isinstance(op.experts, tuple):
+        profile = torch.zeros(ctx.hidden)
+        profile[list(named)] = 1.0
+        return ops.Add(profile, {}, factor)
+    return ops.Add(*vector(op.experts, ctx), factor=factor)
+
+
 def build_op(step: Step, ctx: BuildContext, capture_key: str | None = None) -> nn.Module:
-    """One op module for one step, wrapped to act at the step's token positions if it names any."""
+    """One op module for one step, wrapped to act on the site's chosen heads and token positions."""
     if isinstance(step.op, ast.Capture):
         module: nn.Module = ops.Capture(ctx.captures, capture_key or step.op.name)
+    elif isinstance(step.op, ast.ROUTER_OPS):
+        module = _router_op(step.op, step, ctx)
     else:
         module = _BUILDERS[type(step.op)](step.op, ctx)
-    if step.site.positions is not None:
-        pos = step.site.positions
+    return at_site(module, step.site)
+
+
+def at_site(module: nn.Module, site: ConcreteSite) -> nn.Module:
+    """An op wrapped to act on the site's chosen heads, and at its token positions."""
+    if site.kind == "attn.heads":
+        module = ops.Heads(module, site.head_count, site.heads)
+    if site.positions is not None:
+        pos = site.positions
         module = ops.AtPositions(module, pos.kind, pos.start, pos.stop)
     return module

@@ -87,6 +87,12 @@ class Prepared:
         return [m for m in self.modules if m is not None]
 
 
+def _width_name(site: ConcreteSite) -> str:
+    """What a site's last dimension is, in messages about vectors that do not fit it."""
+    what = {"attn.heads": "head size", "router": "number of experts"}.get(site.kind, "width")
+    return f"{site.label}'s {what}"
+
+
 def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
     """Parse, resolve and build every statement that can be, on the model's device and dtype."""
     spec, syntax = spec_and_syntax(spec)
@@ -101,8 +107,8 @@ def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None 
         module = None
         if step.statement not in failed:
             try:
-                width = step.site.width
-                here = ctx if width is None else replace(ctx, hidden=width, width_name=f"{step.site.label}'s width")
+                width = step.site.op_width
+                here = ctx if width is None else replace(ctx, hidden=width, width_name=_width_name(step.site))
                 module = place(build_op(step, here, key), model)
             except Problem as problem:
                 failed.add(step.statement)

@@ -22,23 +22,32 @@ from ..lang.diagnostics import (
     did_you_mean,
     raise_if_errors,
 )
-from ..lang.formatter import format_positions, format_string
+from ..lang.formatter import format_int_set, format_positions, format_string
 from .archs import ModelInfo
 
-SiteKind = str  # "in" | "out" | "attn" | "mlp" | "mlp.hidden" | "final" | "module"
-INPUT_KINDS = ("in", "mlp.hidden")  # sites that are a module's input, not its output
+SiteKind = str  # "in" | "out" | "attn" | "mlp" | "mlp.hidden" | "attn.heads" | "router" | "final" | "module"
+INPUT_KINDS = ("in", "mlp.hidden", "attn.heads")  # sites that are a module's input, not its output
 
 
 @dataclass(frozen=True)
 class ConcreteSite:
-    """One hidden state of one model. `module_path` is the module whose output it is (its input, for "in"
-    and "mlp.hidden"). `width` is the state's last dimension when it is not the model's hidden size."""
+    """One hidden state of one model. `module_path` is the module whose output it is (its input, for "in",
+    "mlp.hidden" and "attn.heads"; the router module, whose logits are the first value it computes, for
+    "router"). `width` is the state's last dimension when it is not the model's hidden size. An
+    "attn.heads" site splits that width into `head_count` heads, of which ops touch `heads` (None: all)."""
 
     kind: SiteKind
     layer: int | None
     module_path: str
     positions: ast.Positions | None = None
     width: int | None = None
+    heads: tuple[int, ...] | None = None
+    head_count: int = 0
+
+    @property
+    def op_width(self) -> int | None:
+        """The last dimension ops see: a head's size at an attn.heads site, else the site's width."""
+        return self.width // self.head_count if self.width and self.head_count else self.width
 
     @property
     def is_input(self) -> bool:
@@ -55,7 +64,7 @@ class ConcreteSite:
             text = format_string(self.module_path)
         else:
             text = f"h.{self.layer}" + ("" if self.kind == "out" else f".{self.kind}")
-        return text + format_positions(self.positions)
+        return text + (format_int_set(self.heads) if self.heads is not None else "") + format_positions(self.positions)
 
     @property
     def key(self) -> tuple[SiteKind, str]:
@@ -126,14 +135,44 @@ def layer_indices(sel: ast.LayerSelector, n: int) -> list[int]:
 # ------------------------------------------------------------------ sites
 def _ffn_hidden(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSite:
     """`h.I.mlp.hidden`: the input of the FFN's down projection (after the activation and any gate)."""
-    if info.moe:
-        raise Problem(site.span, f"this model ({info.model_type}) has a mixture-of-experts MLP: each expert has its "
-                      "own hidden layer, run only on the tokens routed to it, so there is no one mlp.hidden",
-                      "use h.I.mlp (the MoE block's output), or name one expert's module by its quoted path")
-    if info.down is None or info.ffn_width is None:
+    if info.has(layer, info.router):
+        raise Problem(site.span, f"block {layer} of this model ({info.model_type}) has a mixture-of-experts MLP: each "
+                      "expert has its own hidden layer, run only on the tokens routed to it, so there is no one mlp.hidden",
+                      "use h.I.mlp (the MoE block's output), h.I.router (its routing), or name one expert's module by "
+                      "its quoted path")
+    if not info.has(layer, info.down) or info.ffn_width is None:
         raise Problem(site.span, f"this model ({info.model_type}) has no FFN down projection that garage knows",
                       _ARCH_HINT)
     return ConcreteSite("mlp.hidden", layer, f"{info.block(layer)}.{info.down}", site.positions, info.ffn_width)
+
+
+def _attn_heads(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSite:
+    """`h.I.attn.heads`: the input of attention's output projection, [batch, seq, heads × head size]."""
+    if not info.has(layer, info.attn_out) or info.head_size is None:
+        raise Problem(site.span, f"this model ({info.model_type}) has no attention output projection that garage "
+                      "splits into heads", "give its model_type's row in garage.ARCHS an `attn_out` path")
+    if site.heads and site.heads[-1] >= info.heads:
+        raise Problem(site.span, f"head {site.heads[-1]} is out of range: this model has {info.heads} attention heads "
+                      f"(0..{info.heads - 1})", f"choose heads in 0..{info.heads - 1}")
+    return ConcreteSite("attn.heads", layer, f"{info.block(layer)}.{info.attn_out}", site.positions,
+                        info.head_width, site.heads, info.heads)
+
+
+def _router(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSite:
+    """`h.I.router`: an MoE block's router logits, before softmax and top-k."""
+    if info.router is None:
+        raise Problem(site.span, f"this model ({info.model_type}) has no mixture-of-experts router that garage knows",
+                      "h.I.router needs an MoE model (Mixtral, Qwen-MoE, OLMoE, DeepSeek, …); here, h.I.mlp is the MLP")
+    if not info.has(layer, info.router):
+        moe = [i for i in range(info.num_layers) if info.has(i, info.router)]
+        raise Problem(site.span, f"block {layer} has a dense MLP, not a mixture of experts",
+                      f"this model routes in blocks {_ranges(moe)}")
+    return ConcreteSite("router", layer, f"{info.block(layer)}.{info.router}", site.positions, info.experts)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] → "1..3, 5"."""
+    return format_int_set(tuple(numbers))[1:-1]
 
 
 def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
@@ -155,8 +194,9 @@ def _classify(info: ModelInfo, path: str, positions: ast.Positions | None) -> Co
         head, _, rest = path[len(prefix):].partition(".")
         if head.isdigit():
             layer = int(head)
-            kind = {"": "out", info.attn: "attn", info.mlp: "mlp"}.get(rest, "module")
-            return ConcreteSite(kind, layer, path, positions, info.out_widths.get(path) if kind == "module" else None)
+            kind = {"": "out", info.attn: "attn", info.mlp: "mlp", info.router: "router"}.get(rest, "module")
+            width = info.experts if kind == "router" else info.out_widths.get(path) if kind == "module" else None
+            return ConcreteSite(kind, layer, path, positions, width)
     return ConcreteSite("module", None, path, positions, info.out_widths.get(path))
 
 
@@ -182,6 +222,9 @@ def _check_container(info: ModelInfo, site: ast.BlockSite) -> None:
         )
 
 
+_SPECIAL = {"mlp.hidden": _ffn_hidden, "attn.heads": _attn_heads, "router": _router}
+
+
 def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
     """Every concrete site that one written site names on this model."""
     if isinstance(site, ast.NamedSite):
@@ -202,8 +245,8 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
             sites.append(_classify(info, path, site.positions))
         elif site.component in ("in", "out"):
             sites.append(ConcreteSite(site.component, layer, info.block(layer), site.positions))
-        elif site.component == "mlp.hidden":
-            sites.append(_ffn_hidden(info, layer, site))
+        elif site.component in _SPECIAL:
+            sites.append(_SPECIAL[site.component](info, layer, site))
         else:
             sites.append(ConcreteSite(site.component, layer, _component_path(info, site.component, layer, site.span), site.positions))
     return sites

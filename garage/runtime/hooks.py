@@ -1,7 +1,9 @@
 """The hook backend: the same op modules, applied by forward hooks on the eager model.
 
 It is the reference the graph backend is tested against, and the base of the seed-compatible API.
-Hooks are the only thing it adds to the model, and `remove()` takes every one of them away again.
+Hooks are the only thing it adds to the model, and `remove()` takes every one of them away again. (A router's
+logits are made and read inside the router, out of a hook's reach: there, hooks switch on a torch-function
+mode for the router's forward only.)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ..ops import AtPositions
@@ -73,8 +76,10 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
     """Hook `modules[i]` onto `sites[i]`; ops at the same site run in the order given."""
     hooks = HookSet(model)
     grouped: dict[tuple[str, str], list[nn.Module]] = {}
+    widths: dict[tuple[str, str], int | None] = {}
     for site, module in zip(sites, modules):
         grouped.setdefault(site.key, []).append(module)
+        widths[site.key] = site.width
 
     def remember_mask(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -91,7 +96,9 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
     for (kind, path), group in grouped.items():
         target = named[path]
         run = _runner(group, target, hooks.ctx)
-        if kind in INPUT_KINDS:
+        if kind == "router":
+            hooks.handles += _router_hooks(target, run, widths[kind, path] or 0)
+        elif kind in INPUT_KINDS:
             hooks.handles.append(target.register_forward_pre_hook(_pre_hook(run), with_kwargs=True))
         else:
             hooks.handles.append(target.register_forward_hook(lambda _m, _a, out, run=run: _replace_hidden(out, run)))
@@ -121,6 +128,39 @@ def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext) -> Run:
         return apply_ops(group, h, ctx)
 
     return run
+
+
+class _FirstValue(TorchFunctionMode):
+    """While a router runs: rewrite the first [tokens, width] value it computes (its logits) before any of
+    its own code reads it. Hooks on the router's output would come too late: the routing is decided inside."""
+
+    def __init__(self, run: Run, width: int, tokens: int) -> None:
+        super().__init__()
+        self.run, self.width, self.tokens, self.done = run, width, tokens, False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if (not self.done and isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() in (2, 3)
+                and out.shape[-1] == self.width and out.numel() == self.tokens * self.width):
+            self.done = True
+            out = self.run(out)
+        return out
+
+
+def _router_hooks(router: nn.Module, run: Run, experts: int) -> list[RemovableHandle]:
+    """A pre-hook that enters a _FirstValue mode for the router's forward, and a hook that always leaves it."""
+    active: list[_FirstValue] = []
+
+    def enter(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        active.append(_FirstValue(run, experts, h.numel() // h.shape[-1]))
+        active[-1].__enter__()
+
+    def leave(_module: nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+        active.pop().__exit__(None, None, None)
+
+    return [router.register_forward_pre_hook(enter, with_kwargs=True),
+            router.register_forward_hook(leave, always_call=True)]
 
 
 def _pre_hook(run: Run) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:

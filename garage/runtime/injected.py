@@ -210,7 +210,7 @@ class InjectedModel(nn.Module):
         for i, step in enumerate(self.plan):
             node = nodes.get(i, "-")
             rows.append((f"{step.span.line}:{step.span.column}", step.site.label, step.site.module_path,
-                         sizes.describe(values.get(node)), node, format_op(step.op)))
+                         sizes.describe(values.get(node), step.site.head_count), node, format_op(step.op)))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
