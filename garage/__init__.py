@@ -13,7 +13,7 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
 library's import paths. Private torch and transformers APIs are used only in `_compat`.
 """
 
-from . import analyze, vectors
+from . import analyze, blades, vectors
 from ._version import __version__
 from .check.validate import Report, check
 from .compiler import compile, hook
@@ -52,6 +52,7 @@ __all__ = [
     "ValidationError",
     "__version__",
     "analyze",
+    "blades",
     "check",
     "compile",
     "format",

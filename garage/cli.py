@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
-from . import _cache, vectors
+from . import _cache, blades, vectors
 from ._version import __version__
 from .analyze import compare, effect_table, routing, routing_table
 from .check.validate import check
@@ -84,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     vector.add_argument("--reduce", choices=("mean", "last"), default="mean",
                         help="each prompt's state: the mean over its tokens, or its last token (default: mean)")
     vector.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
+    blade = sub.add_parser("blade", help="make a blade from a source model, or show what a blade file records")
+    blade_sub = blade.add_subparsers(dest="blade_command", required=True, metavar="ACTION")
+    extract = blade_sub.add_parser("extract", help="record a source model's hidden state on domain prompts")
+    _add_model(extract)
+    extract.add_argument("--site", default="N-4", help="the one site to read (default: N-4, where blades work best)")
+    extract.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="domain prompts, one a line")
+    extract.add_argument("--domain", default="", help="what the prompts are about, e.g. math (recorded in the file)")
+    extract.add_argument("--reduce", choices=("mean", "last"), default="mean",
+                         help="each prompt's state: the mean over its tokens, or its last token (default: mean)")
+    extract.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
+    blade_info = blade_sub.add_parser("info", help="show a blade file's metadata, shape and norm")
+    blade_info.add_argument("file", type=Path, help="a blade .safetensors file")
     fmt = sub.add_parser("fmt", help="print a spec in canonical form")
     _add_spec(fmt, with_model=False)
     fmt.add_argument("--check", action="store_true", help="exit 1 if the file is not already canonical")
@@ -245,6 +257,25 @@ def _cmd_vector(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_blade(args: argparse.Namespace) -> int:
+    if args.blade_command == "info":
+        for key, value in blades.info(args.file).items():
+            print(f"{key:15} {value}")
+        return EXIT_OK
+    prompts = _prompts([], args.prompts)
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompts: write one a line")
+    name = _model_name(args)
+    with _step(f"loading {name}"):
+        model, tokenizer = load_model_and_tokenizer(name)
+    with _step(f"reading {args.site} on {len(prompts)} prompts"):
+        blade = blades.extract(model, tokenizer, prompts, site=args.site, reduce=args.reduce, domain=args.domain,
+                               source=name)
+    path = blade.save(args.output)
+    print(f"{path}: [{blade.tensor.shape[0]}] at {blade.metadata['site']} of {name}, norm {blade.tensor.norm():.4g}")
+    return EXIT_OK
+
+
 def _cmd_fmt(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     text = format_spec(spec)
@@ -268,8 +299,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "vector": _cmd_vector, "fmt": _cmd_fmt,
-            "cache": _cmd_cache}
+COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "vector": _cmd_vector, "blade": _cmd_blade,
+            "fmt": _cmd_fmt, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,8 +66,10 @@ OPS: dict[str, Callable[[dict[str, torch.Tensor], garage.InjectedModel], Formula
     "noise 0.3": lambda t, inj: lambda h: h,  # eval mode: no noise
     "noise 0.3 always": lambda t, inj: lambda h: h + 0.3 * torch.randn_like(h),  # the same seed in both runs
     "blade identity from b alpha 0.7": lambda t, inj: lambda h: h + 0.7 * t["b"],
-    "blade gated from b alpha 0.3": lambda t, inj: lambda h: h + 0.3 * 0.5 * t["b"],  # the gate starts at ½
-    "blade gated from wide project topk": lambda t, inj: lambda h: h + 0.5 * topk_blade(t["wide"]),
+    # the gate starts at σ(−2) and α defaults to 0.1, as in the Blades research
+    "blade gated from b alpha 0.3": lambda t, inj: lambda h: h + 0.3 * torch.sigmoid(torch.tensor(-2.0)) * t["b"],
+    "blade gated from wide project topk":
+        lambda t, inj: lambda h: h + 0.1 * torch.sigmoid(torch.tensor(-2.0)) * topk_blade(t["wide"]),
     "debate average views projection strength 0.5":
         lambda t, inj: lambda h: (h + h @ inj.ops[0].projection.weight.T) / 2,
     "debate gated views noise strength 0.2":  # g = ½: the mean of h and h + 0.2ε

@@ -110,3 +110,14 @@ def test_the_heads_example_moves_only_the_layers_after_its_block(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if re.match(r"h\.\d+ ", line)}
     assert rows["h.0"] == 1.0 and rows["h.1"] < 0.999 and len(rows) == 30, rows
+
+
+def test_blade_extract_and_info_on_smollm2(tmp_path, capsys):
+    prompts = tmp_path / "math.txt"
+    prompts.write_text("What is seven times eight?\nSolve for x: 2x + 3 = 11.\n")
+    out = tmp_path / "math.blade.safetensors"
+    assert main(["blade", "extract", "--site", "N-4", "--domain", "math", "--prompts", str(prompts), "-o", str(out)]) == 0
+    assert main(["blade", "info", str(out)]) == 0
+    shown = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if "  " in line)
+    assert shown["source"] == SMOLLM2 and shown["layer"] == "26" and shown["depth"] == "0.8667"
+    assert shown["shape"] == "[576]" and shown["hidden_size"] == "576" and shown["prompts"] == "2"

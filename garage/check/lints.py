@@ -80,7 +80,8 @@ def dead_op_findings(plan: Plan) -> Iterator[Finding]:
 
 
 def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:
-    """Warnings: the blade rules (N-4 depth, gated over identity, same-domain synergy)."""
+    """Warnings: the blade rules (N-4 depth, gated over identity, same-domain synergy) and what blade files
+    record (the depth they were taken at, the model they were taken from)."""
     n = plan.info.num_layers
     best = n - 4
     domains: dict[str, Step] = {}
@@ -95,6 +96,7 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
                           "write `blade gated`", "gated-over-identity")
         inner = ops.innermost(module) if module is not None else None
         if isinstance(inner, ops.Blade) and isinstance(inner.source, ops.TensorSource):
+            yield from _provenance(step, inner.source.metadata, plan)
             domain = inner.source.metadata.get("domain")
             if domain:
                 others = {d: s for d, s in domains.items() if d != domain}
@@ -104,6 +106,24 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
                                   f"(line {where.span.line}); blades synergize within one domain",
                                   "use blades recorded in the same domain", "same-domain")
                 domains.setdefault(domain, step)
+
+
+def _provenance(step: Step, made: dict[str, str], plan: Plan) -> Iterator[Finding]:
+    """Warnings from what a blade file records: taken at another depth than it is added at, or taken from
+    this very model (no capability gap to transfer)."""
+    n, layer = plan.info.num_layers, step.site.layer
+    try:
+        depth = float(made.get("depth", ""))
+    except ValueError:
+        depth = None
+    if depth is not None and layer is not None and abs(depth - layer / n) > 1 / n + 1e-9:
+        where = f"h.{made.get('layer', '?')} of {made.get('num_layers', '?')} blocks"
+        yield Finding(step, f"this blade was taken at depth {depth:.0%} ({where}) but is added at depth "
+                      f"{layer / n:.0%} (h.{layer} of {n})", f"add it at h.{round(depth * n)}, or take one at "
+                      f"h.{layer}'s depth", "blade-depth")
+    if made.get("weights") and made["weights"] == plan.info.fingerprint:
+        yield Finding(step, "this blade was taken from this very model: there is no capability gap for it to "
+                      "bridge (blade rule 3)", "take the blade from a stronger source model", "blade-self")
 
 
 def vector_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:

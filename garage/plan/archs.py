@@ -7,9 +7,11 @@ discovery: the one ModuleList whose length is `num_hidden_layers`, with common s
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 
@@ -99,6 +101,7 @@ class ModelInfo:
     router: str | None = None  # relative to a block: the MoE router (absent from a block with a dense MLP)
     experts: int = 0
     experts_per_token: int = 0  # top-k: how many experts each token is sent to
+    fingerprint: str = ""  # a hash of some of the weights: equal for the same model, whatever its name
 
     @property
     def head_size(self) -> int | None:
@@ -163,7 +166,22 @@ class ModelInfo:
             router=routers[0][1] if routers else None,
             experts=_experts(modules[f"{blocks}.{routers[0][0]}.{routers[0][1]}"], hidden) if routers else 0,
             experts_per_token=_config_int(text, _TOP_K_NAMES),
+            fingerprint=weights_fingerprint(model),
         )
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the first rows of the input embeddings (another model of the same architecture, or
+    the same model fine-tuned, differs there); "" when the model has no values to read."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        weight = get().weight if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return ""
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() != 2:
+        return ""
+    rows = weight[:4].detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
 
 
 def _config_int(config: Any, names: tuple[str, ...]) -> int:

@@ -1,0 +1,99 @@
+"""Blades made from a source model: its hidden state at one site, recorded on domain prompts (the practical
+recipe of the Blades research), saved as safetensors with the metadata that the checker reads.
+
+A blade file records where and how it was made: the source's model type, name, config hash and weights
+fingerprint; the site, its layer and depth fraction, and the hidden size; the domain, the reduction, and
+the number and hash of the prompts. The checker refuses a blade of another hidden size, and warns when
+it is added at another depth than it was taken at, stacked with a blade of another domain, or added to
+the very model it was taken from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ._version import __version__
+from .plan.archs import ModelInfo, model_config
+from .vectors import one_site, states
+
+Reduce = Literal["mean", "last"]
+KEY = "blade"  # the tensor's name in a blade file
+
+
+@dataclass(frozen=True)
+class Blade:
+    """A recorded blade: a [hidden] vector and what its file records of how it was made."""
+
+    tensor: torch.Tensor
+    metadata: dict[str, str]
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the blade as safetensors (tensor "blade", with the metadata); returns the path."""
+        save_file({KEY: self.tensor.detach().float().contiguous().cpu()}, os.fspath(path), metadata=self.metadata)
+        return os.fspath(path)
+
+
+def config_hash(model: nn.Module) -> str:
+    """A short hash of the model's whole config: two models of one architecture and size share it."""
+    config = model_config(model)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def source_name(model: nn.Module) -> str:
+    """The hub id or folder the model was loaded from, when it records one."""
+    return str(getattr(model, "name_or_path", "") or getattr(model_config(model), "_name_or_path", "") or "")
+
+
+@torch.no_grad()
+def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str = "N-4", reduce: Reduce = "mean",
+            domain: str | None = None, path: str | os.PathLike[str] | None = None, source: str | None = None,
+            batch_size: int = 8) -> Blade:
+    """The source model's hidden state at `site`, averaged over the prompts: each prompt's mean over its
+    real tokens (`reduce="mean"`) or its last real token (`"last"`). Written to `path` when given. `source`
+    is the name recorded for the model (default: the hub id or folder it was loaded from)."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("give a non-empty list of prompts")
+    where, info = one_site(model, site), ModelInfo.from_model(model)
+    tensor = states(model, tokenizer, list(prompts), where.label, reduce, batch_size).mean(0)
+    text = "\n".join(prompts)
+    metadata = {
+        "kind": "blade", "model_type": info.model_type, "source": source or source_name(model),
+        "config_hash": config_hash(model), "weights": info.fingerprint, "hidden_size": str(tensor.shape[0]),
+        "site": where.label, "site_kind": where.kind, "layer": "" if where.layer is None else str(where.layer),
+        "num_layers": str(info.num_layers),
+        "depth": "" if where.layer is None else f"{where.layer / info.num_layers:.4f}",
+        "domain": domain or "", "reduce": reduce, "prompts": str(len(prompts)),
+        "prompts_hash": hashlib.sha256(text.encode()).hexdigest()[:16], "garage_version": __version__,
+    }
+    blade = Blade(tensor, metadata)
+    if path is not None:
+        blade.save(path)
+    return blade
+
+
+def info(path: str | os.PathLike[str]) -> dict[str, str]:
+    """What a blade (or any one-tensor safetensors) file records, with its tensor's shape and norm."""
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise ValueError(f"{name}: no such file")
+    try:
+        with safe_open(name, framework="pt") as f:
+            keys = list(f.keys())
+            tensor = f.get_tensor(keys[0]) if len(keys) == 1 else None
+            metadata = dict(f.metadata() or {})
+    except Exception as err:  # safetensors' own error for a file of another format
+        raise ValueError(f"{name} is not a safetensors file ({type(err).__name__}: {err})") from None
+    if tensor is None:
+        raise ValueError(f"{name} holds {len(keys)} tensors ({', '.join(keys) or 'none'}); a blade is one")
+    return {**metadata, "tensor": keys[0], "shape": json.dumps(list(tensor.shape)),
+            "norm": f"{tensor.float().norm().item():.6g}"}
