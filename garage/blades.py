@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
+from .analyze import capture
 from .plan.archs import ModelInfo, model_config
 from .vectors import one_site, states
 
-Reduce = Literal["mean", "last"]
+Reduce = Literal["mean", "last", "sequence"]
 KEY = "blade"  # the tensor's name in a blade file
 
 
@@ -59,16 +60,21 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
             domain: str | None = None, path: str | os.PathLike[str] | None = None, source: str | None = None,
             batch_size: int = 8) -> Blade:
     """The source model's hidden state at `site`, averaged over the prompts: each prompt's mean over its
-    real tokens (`reduce="mean"`) or its last real token (`"last"`). Written to `path` when given. `source`
-    is the name recorded for the model (default: the hub id or folder it was loaded from)."""
+    real tokens (`reduce="mean"`), its last real token (`"last"`), or every token (`"sequence"`: a
+    [length, hidden] blade whose row p is the mean over the prompts that reach position p). Written to
+    `path` when given. `source` is the name recorded for the model (default: the hub id or folder it was
+    loaded from)."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("give a non-empty list of prompts")
     where, info = one_site(model, site), ModelInfo.from_model(model)
-    tensor = states(model, tokenizer, list(prompts), where.label, reduce, batch_size).mean(0)
+    if reduce == "sequence":
+        tensor = _sequence(model, tokenizer, list(prompts), where.label)
+    else:
+        tensor = states(model, tokenizer, list(prompts), where.label, reduce, batch_size).mean(0)
     text = "\n".join(prompts)
     metadata = {
         "kind": "blade", "model_type": info.model_type, "source": source or source_name(model),
-        "config_hash": config_hash(model), "weights": info.fingerprint, "hidden_size": str(tensor.shape[0]),
+        "config_hash": config_hash(model), "weights": info.fingerprint, "hidden_size": str(tensor.shape[-1]),
         "site": where.label, "site_kind": where.kind, "layer": "" if where.layer is None else str(where.layer),
         "num_layers": str(info.num_layers),
         "depth": "" if where.layer is None else f"{where.layer / info.num_layers:.4f}",
@@ -79,6 +85,21 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
     if path is not None:
         blade.save(path)
     return blade
+
+
+def _sequence(model: nn.Module, tokenizer: Any, prompts: list[str], label: str) -> torch.Tensor:
+    """[longest prompt, hidden]: row p is the mean state at position p over the prompts that reach it."""
+    device = next(model.parameters()).device
+    per_prompt = []
+    for prompt in prompts:  # one at a time: no padding to align
+        ids = tokenizer([prompt], return_tensors="pt")["input_ids"].to(device)
+        per_prompt.append(capture(model, label, {"input_ids": ids})[label].float().reshape(ids.shape[1], -1).cpu())
+    total = torch.zeros(max(len(h) for h in per_prompt), per_prompt[0].shape[-1])
+    count = torch.zeros(len(total), 1)
+    for h in per_prompt:
+        total[: len(h)] += h
+        count[: len(h)] += 1
+    return total / count
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -91,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--site", default="N-4", help="the one site to read (default: N-4, where blades work best)")
     extract.add_argument("--prompts", required=True, type=Path, metavar="FILE", help="domain prompts, one a line")
     extract.add_argument("--domain", default="", help="what the prompts are about, e.g. math (recorded in the file)")
-    extract.add_argument("--reduce", choices=("mean", "last"), default="mean",
-                         help="each prompt's state: the mean over its tokens, or its last token (default: mean)")
+    extract.add_argument("--reduce", choices=("mean", "last", "sequence"), default="mean",
+                         help="each prompt's state: the mean over its tokens, its last token, or every token "
+                              "(a [length, hidden] sequence blade) (default: mean)")
     extract.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
     blade_info = blade_sub.add_parser("info", help="show a blade file's metadata, shape and norm")
     blade_info.add_argument("file", type=Path, help="a blade .safetensors file")
@@ -272,7 +273,8 @@ def _cmd_blade(args: argparse.Namespace) -> int:
         blade = blades.extract(model, tokenizer, prompts, site=args.site, reduce=args.reduce, domain=args.domain,
                                source=name)
     path = blade.save(args.output)
-    print(f"{path}: [{blade.tensor.shape[0]}] at {blade.metadata['site']} of {name}, norm {blade.tensor.norm():.4g}")
+    shape = ", ".join(str(n) for n in blade.tensor.shape)
+    print(f"{path}: [{shape}] at {blade.metadata['site']} of {name}, norm {blade.tensor.norm():.4g}")
     return EXIT_OK
 
 

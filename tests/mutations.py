@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (21 mutations, about 8 minutes on 2 cores)
+    python tests/mutations.py            # every mutation (22 mutations, about 8 minutes on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py"]
+TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
+         "tests/test_blades.py"]
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
@@ -50,6 +51,7 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
                      "split.index_select(-2, (self.index + 1) % self.count)"),
     "router mask value": ("garage/ops/experts.py", "torch.finfo(logits.dtype).min", "-10.0"),
     "router bias on one": ("garage/plan/build_ops.py", "profile[list(named)] = 1.0", "profile[list(named)[:1]] = 1.0"),
+    "sequence blade row": ("garage/ops/blade.py", "positions.clamp(0, length - 1)", "(positions + 1).clamp(0, length - 1)"),
     "router logits": ("garage/fx/locate.py", "in_scope(n, path) and shape.matches(n)][:1]",
                       "in_scope(n, path) and shape.matches(n)][-1:]"),
 }

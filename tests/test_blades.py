@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
-from test_reference import on_output
+from test_reference import batch, close, on_output, out_of, reference
 from zoo import HIDDEN, tiny_model
 
 import garage
 from garage.cli import main
 from garage.models import load_model_and_tokenizer
+from garage.runtime.hooks import attach
 
 PROMPTS = ["two plus two is four", "the square of three is nine", "seven is a prime number"]
 GATE = torch.sigmoid(torch.tensor(-2.0))  # where an untrained gate starts
@@ -97,3 +98,72 @@ def test_blade_extract_and_info_on_the_command_line(tmp_path, capsys):
     assert main(["blade", "info", str(tmp_path / "missing.safetensors")]) == 2
     assert main(["blade", "info", str(prompts)]) == 2
     assert "is not a safetensors file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ sequence blades
+def test_a_sequence_blade_averages_each_position_over_the_prompts_that_reach_it(source):
+    model, tokenizer = source
+    blade = garage.blades.extract(model, tokenizer, PROMPTS, site="h.5", reduce="sequence")
+    states = []
+    for prompt in PROMPTS:
+        ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            states.append(model(input_ids=ids, output_hidden_states=True).hidden_states[6][0])
+    longest = max(len(s) for s in states)
+    assert blade.tensor.shape == (longest, 128) and blade.metadata["reduce"] == "sequence"
+    for p in (0, len(states[0]) - 1, longest - 1):
+        want = torch.stack([s[p] for s in states if len(s) > p]).mean(0)
+        assert torch.allclose(blade.tensor[p], want, rtol=1e-5, atol=1e-3), p
+
+
+def rows_at_positions(seq: torch.Tensor, mask: torch.Tensor, alpha: float):
+    """h + α·seq[p] at absolute position p (counted from the first real token); nothing past seq's end."""
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        out = h.clone()
+        position = mask.cumsum(-1) - 1
+        for b in range(mask.shape[0]):
+            for t in range(mask.shape[1]):
+                p = int(position[b, t])
+                if mask[b, t] and p < len(seq):
+                    out[b, t] += alpha * seq[p]
+        return out
+    return apply
+
+
+def test_a_sequence_blade_adds_row_p_at_position_p_and_nothing_past_its_end():
+    model = tiny_model("llama")
+    seq = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    for seed in (0, 1):
+        inputs = batch(seed)
+        spec = "at h.2 blade identity from s alpha 0.7"
+        inj = garage.compile(model, spec, bind={"s": seq})
+        want = reference(model, inputs, "model.layers.2", rows_at_positions(seq, inputs["attention_mask"], 0.7))
+        hooks, _ = garage.hook(model, spec, bind={"s": seq})  # attached from here on
+        with torch.no_grad():
+            got = out_of(inj(**inputs))
+            with hooks:
+                hooked = out_of(model(**inputs))
+        assert close(got, want) and close(hooked, want), seed
+
+
+def test_generation_with_a_sequence_blade_follows_the_same_rule():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    seq = torch.randn(12, HIDDEN, generator=torch.Generator().manual_seed(4))  # reaches into the new tokens
+    inputs = batch(2)
+    injected = garage.compile(model, "at h.1 blade identity from s alpha 2", bind={"s": seq})
+    out = injected.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=8)
+    with attach(model, [s.site for s in injected.plan], list(injected.ops)):
+        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_the_checker_accepts_exactly_the_blade_shapes_that_run():
+    model = tiny_model("llama")
+    for shape in [(HIDDEN,), (1, HIDDEN), (7, HIDDEN), (1, 7, HIDDEN)]:
+        assert not garage.check(model, "at h.1 blade gated from b", bind={"b": torch.randn(shape)}).errors, shape
+    (error,) = garage.check(model, "at h.1 blade gated from b", bind={"b": torch.randn(2, 7, HIDDEN)}).errors
+    assert "a blade is one vector [hidden] or one sequence [length, hidden]" in error.message and error.column == 25
+    (error,) = garage.check(model, "at h.1.attn.heads blade gated from b", bind={"b": torch.randn(7, 16)}).errors
+    assert "a sequence blade cannot be added at attention heads" in error.message

@@ -15,7 +15,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .._compat import copy_graph, graph_module_like
-from ..ops import AtPositions
+from ..ops import takes_positions
 from ..plan.resolve import ConcreteSite
 from .locate import HiddenShape, locate
 
@@ -114,7 +114,7 @@ def inject(
         for i in by_site[key]:
             name = f"{OP_PREFIX}{i}"
             submodules[name] = modules[i]
-            extra = position_args if isinstance(modules[i], AtPositions) else ()
+            extra = position_args if takes_positions(modules[i]) else ()
             with graph.inserting_after(value):
                 new = graph.call_module(name, (value, *extra))
             new.meta["val"] = origin.meta.get("val")

@@ -15,13 +15,13 @@ from .experts import MaskExperts
 from .heads import Heads
 from .module import REGISTRY, register
 from .noise import Noise
-from .positions import AtPositions
+from .positions import AtPositions, token_positions
 from .scale import Scale
-from .wrapper import Wrapper, innermost
+from .wrapper import Wrapper, innermost, takes_positions
 from .zero import Zero
 
 __all__ = [
     "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "Heads", "MaskExperts", "ModuleSource",
     "Noise", "Op", "REGISTRY", "Scale", "TensorSource", "Wrapper", "Zero", "chamber", "innermost", "place",
-    "placement", "register",
+    "placement", "register", "takes_positions", "token_positions",
 ]

@@ -13,13 +13,17 @@ import torch
 from torch import nn
 
 from .base import Op
+from .positions import token_positions
 
 DEFAULT_ALPHA = 0.1
 GATE_BIAS = -2.0  # the gate's starting logit: σ(−2) ≈ 0.119
 
 
 class TensorSource(nn.Module):
-    """A recorded blade: a [hidden] (or broadcastable [..., hidden]) tensor, projected if it is wider."""
+    """A recorded blade, projected if it is wider: a [hidden] vector added at every position, or a sequence
+    blade [length, hidden] whose row p is added at absolute position p (counted from the first real token,
+    as `[i]` positions are), and nothing past its end or at padding; cached generation follows the same
+    rule."""
 
     blade: torch.Tensor
 
@@ -27,6 +31,7 @@ class TensorSource(nn.Module):
         super().__init__()
         self.metadata = dict(metadata or {})  # what the blade file records, e.g. {"domain": "math"}
         blade = blade.detach().clone()
+        self.sequence = blade.dim() == 2
         width = blade.shape[-1]
         self.linear: nn.Linear | None = None
         if project == "topk" and width > hidden:
@@ -36,8 +41,15 @@ class TensorSource(nn.Module):
             self.linear = nn.Linear(width, hidden, bias=False)
         self.register_buffer("blade", blade)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.blade if self.linear is None else self.linear(self.blade)
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, real: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        blade = self.blade if self.linear is None else self.linear(self.blade)
+        if positions is None:
+            return blade
+        length = blade.shape[0]
+        rows = blade.index_select(0, positions.clamp(0, length - 1).reshape(-1)).reshape(*positions.shape, -1)
+        keep = (positions < length) if real is None else (positions < length) & real  # padding gets nothing
+        return (rows * keep.unsqueeze(-1).to(rows.dtype)).reshape(h.shape)
 
 
 class ModuleSource(nn.Module):
@@ -65,8 +77,18 @@ class Blade(Op):
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, GATE_BIAS)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b = self.source(h)
+    @property
+    def takes_positions(self) -> bool:
+        """A sequence blade reads each token's absolute position."""
+        return isinstance(self.source, TensorSource) and self.source.sequence
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prompt_length: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.takes_positions:
+            b = self.source(h, *token_positions(h, attention_mask, position_ids, input_ids, prompt_length))
+        else:
+            b = self.source(h)
         if self.method == "gated":
             b = torch.sigmoid(self.gate(h)) * b
         return h + self.alpha * b

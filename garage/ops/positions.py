@@ -3,7 +3,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .wrapper import Wrapper
+from .wrapper import Wrapper, takes_positions
+
+
+def token_positions(h: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                    input_ids: torch.Tensor | None = None, prompt_length: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, seq] absolute positions of h's tokens and whether each is real (not padding).
+
+    Absolute positions come from `position_ids` where the graph has them (the generation steps), else from
+    `cumsum(attention_mask) - 1`: counted from the first real token, also under left padding."""
+    rows = next((t.shape[0] for t in (input_ids, attention_mask, position_ids, prompt_length) if t is not None), 1)
+    batch = h.shape[0] if h.dim() == 3 else rows  # OPT's MLP and routers flatten h to [batch*seq, width]
+    seq = h.shape[1] if h.dim() == 3 else h.shape[0] // batch
+    if position_ids is not None:
+        pos = position_ids.expand(batch, seq)
+    elif attention_mask is not None:
+        pos = (attention_mask.to(torch.long).cumsum(-1) - 1)[:, -seq:]
+    else:
+        pos = torch.arange(seq, device=h.device).expand(batch, seq)
+    if attention_mask is not None:
+        real = attention_mask[:, -seq:].bool()
+    else:
+        real = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
+    return pos, real
 
 
 class AtPositions(Wrapper):
@@ -15,6 +38,8 @@ class AtPositions(Wrapper):
     without it every position is a prompt position. A capture at positions records the full-shape
     tensor with the other positions zeroed.
     """
+
+    takes_positions = True
 
     def __init__(self, inner: nn.Module, kind: str, start: int | None = None, stop: int | None = None) -> None:
         super().__init__()
@@ -34,19 +59,8 @@ class AtPositions(Wrapper):
         Absolute positions come from `position_ids` where the graph has them (the generation steps), else
         from `cumsum(attention_mask) - 1`. Padding is read from the mask when it is aligned with h.
         """
-        rows = next((t.shape[0] for t in (input_ids, attention_mask, position_ids, prompt_length) if t is not None), 1)
-        batch = h.shape[0] if h.dim() == 3 else rows  # OPT's MLP and routers flatten h to [batch*seq, width]
-        seq = h.shape[1] if h.dim() == 3 else h.shape[0] // batch
-        if position_ids is not None:
-            pos = position_ids.expand(batch, seq)
-        elif attention_mask is not None:
-            pos = (attention_mask.to(torch.long).cumsum(-1) - 1)[:, -seq:]
-        else:
-            pos = torch.arange(seq, device=h.device).expand(batch, seq)
-        if attention_mask is not None:
-            real = attention_mask[:, -seq:].bool()
-        else:
-            real = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
+        pos, real = token_positions(h, attention_mask, position_ids, input_ids, prompt_length)
+        batch, seq = pos.shape
         if self.kind == "last":
             return torch.arange(seq, device=h.device).expand(batch, seq) == seq - 1
         if self.kind in ("prompt", "new"):
@@ -69,7 +83,9 @@ class AtPositions(Wrapper):
         if self.observes_only:  # a capture keeps the selected positions, zeros elsewhere, full shape
             self.inner(torch.where(sel, h, torch.zeros_like(h)))
             return h
-        return torch.where(sel, self.inner(h), h)
+        positional = takes_positions(self.inner)
+        inner = self.inner(h, attention_mask, prompt_length, position_ids, input_ids) if positional else self.inner(h)
+        return torch.where(sel, inner, h)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, start={self.start}, stop={self.stop}"

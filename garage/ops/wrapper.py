@@ -19,3 +19,9 @@ def innermost(module: nn.Module) -> nn.Module:
     while isinstance(module, Wrapper):
         module = module.inner
     return module
+
+
+def takes_positions(module: nn.Module) -> bool:
+    """Whether an op is called with the position inputs (attention mask, prompt lengths, position ids,
+    input ids) after h: position-limited ops and sequence blades."""
+    return bool(getattr(module, "takes_positions", False))

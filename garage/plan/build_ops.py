@@ -106,11 +106,13 @@ def blade_tensor(source: ast.Value, project: str | None, ctx: BuildContext) -> t
     """A recorded blade, checked for width against the model (or the projection that makes it fit)."""
     loaded = load_value(source, ctx, "tensor or module")
     tensor = _float_tensor(loaded.tensor, source)
-    if tensor.dim() == 0 or any(size != 1 for size in tensor.shape[:-1]):
-        raise Problem(source.span, f"blade {_shown(source)} has shape {list(tensor.shape)}; a blade is one vector",
-                      "save the source's hidden state at one layer as a [hidden] vector (e.g. its mean over tokens)")
-    tensor = tensor.reshape(-1)
-    width = tensor.shape[0]
+    rows = [size for size in tensor.shape[:-1] if size != 1]
+    if tensor.dim() == 0 or len(rows) > 1:
+        raise Problem(source.span, f"blade {_shown(source)} has shape {list(tensor.shape)}; a blade is one vector "
+                      "[hidden] or one sequence [length, hidden]",
+                      "save the source's hidden state at one layer: its mean over tokens, or one row a position")
+    tensor = tensor.reshape(*rows, tensor.shape[-1])  # [hidden], or [length, hidden] for a sequence blade
+    width = tensor.shape[-1]
     recorded = recorded_hidden(loaded)
     if project is None and (width != ctx.hidden or (recorded is not None and recorded != ctx.hidden)):
         source_width = width if recorded is None else recorded
@@ -236,6 +238,9 @@ def build_op(step: Step, ctx: BuildContext, capture_key: str | None = None) -> n
         module = _router_op(step.op, step, ctx)
     else:
         module = _BUILDERS[type(step.op)](step.op, ctx)
+    if step.site.kind == "attn.heads" and ops.takes_positions(module):
+        raise Problem(step.op.span, "a sequence blade cannot be added at attention heads",
+                      "add it at a block, attn or mlp site, or use a one-vector blade")
     return at_site(module, step.site)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ..ops import AtPositions
+from ..ops import takes_positions
 from ..plan.resolve import INPUT_KINDS, ConcreteSite
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # the ops of one site, applied in order
@@ -33,7 +33,7 @@ class CallContext:
 
 def apply_ops(modules: Iterable[nn.Module], h: torch.Tensor, ctx: CallContext) -> torch.Tensor:
     for module in modules:
-        if isinstance(module, AtPositions):
+        if takes_positions(module):
             h = module(h, ctx.attention_mask, ctx.prompt_length, None, ctx.input_ids)
         else:
             h = module(h)
@@ -89,7 +89,7 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
         if _past_length(kwargs) == 0:  # a new prompt: its real tokens are the [prompt] positions
             hooks.ctx.prompt_length = _real_tokens(hooks.ctx.attention_mask, ids)
 
-    if any(isinstance(m, AtPositions) for m in modules):
+    if any(takes_positions(m) for m in modules):
         hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))
 
     named = dict(model.named_modules())
