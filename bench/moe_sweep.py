@@ -1,5 +1,6 @@
-"""Router control on every MoE family in transformers: does `h.I.router` resolve, and do `bias`, `force` and
-`capture` there equal a reference that catches the router's first `F.linear` result itself?
+"""Router control on every MoE family in transformers: does `h.I.router` resolve, and do `bias {1, 2} * 8` and
+`force 3` there equal the tests' reference (the router's first `F.linear` result, changed by the tests' own
+formulas, from tests/test_heads_and_routers.py)?
 
     python bench/moe_sweep.py                 # every MoE causal-LM family (a subprocess each, 120 s timeout)
     python bench/moe_sweep.py mixtral olmoe   # some families
@@ -53,9 +54,8 @@ def one(model_type: str) -> dict[str, str]:
     from garage.plan.archs import ModelInfo
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_heads_and_routers import (
-        FirstLinear,  # the tests' reference: the router's first F.linear result
-    )
+    # the tests' reference (the router's first F.linear result) and their own formulas for the ops
+    from test_heads_and_routers import ROUTER_OPS, router_reference
 
     config = CONFIG_MAPPING[model_type]()
     text = config.get_text_config()
@@ -89,36 +89,9 @@ def one(model_type: str) -> dict[str, str]:
         return {"status": "no router", "why": "garage finds no `gate`/`router` module that scores experts"}
     layer = next(i for i in range(info.num_layers) if info.has(i, info.router))
 
-    router = dict(model.named_modules())[f"{info.block(layer)}.{info.router}"]
-
-    def reference(formula):
-        modes = []
-
-        def enter(*_):
-            modes.append(FirstLinear(formula))
-            modes[-1].__enter__()
-
-        handles = [router.register_forward_pre_hook(enter),
-                   router.register_forward_hook(lambda *_: modes.pop().__exit__(None, None, None))]
-        try:
-            with torch.no_grad():
-                return model(input_ids=ids).logits
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def biased(x):
-        out = x.clone()
-        out[..., 1] += 8
-        return out
-
-    def forced(x):
-        out = torch.full_like(x, torch.finfo(x.dtype).min)
-        out[..., 2] = x[..., 2]
-        return out
-
     results = {}
-    for op, formula in (("bias {1} * 8", biased), ("force 2", forced)):
+    path = f"{info.block(layer)}.{info.router}"
+    for op in ("bias {1, 2} * 8", "force 3"):
         try:
             inj = garage.compile(model, f"at h.{layer}.router {op}")
             with torch.no_grad():
@@ -126,7 +99,7 @@ def one(model_type: str) -> dict[str, str]:
         except Exception as err:  # a diagnostic, or a failure inside torch.export or the graph (issue 16's)
             return {"status": "fails", "why": f"{type(err).__name__}: {str(err).splitlines()[0]}"[:160],
                     "router": info.router}
-        want = reference(formula)
+        want = router_reference(model, {"input_ids": ids}, path, ROUTER_OPS[op]({}))
         error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
         results[op] = "equal" if error <= 1e-5 else f"differs by {error:.2g}"
         if torch.equal(got, plain):

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
 from .analyze import capture
 from .plan.archs import ModelInfo, model_config
+from .plan.files import FileProblem, load_tensor
 from .vectors import one_site, states
 
 Reduce = Literal["mean", "last", "sequence"]
@@ -31,8 +31,9 @@ KEY = "blade"  # the tensor's name in a blade file
 
 
 @dataclass(frozen=True)
-class Blade:
-    """A recorded blade: a [hidden] vector and what its file records of how it was made."""
+class BladeFile:
+    """A recorded blade: a [hidden] vector (or a [length, hidden] sequence) and what its file records of
+    how it was made."""
 
     tensor: torch.Tensor
     metadata: dict[str, str]
@@ -58,7 +59,7 @@ def source_name(model: nn.Module) -> str:
 @torch.no_grad()
 def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str = "N-4", reduce: Reduce = "mean",
             domain: str | None = None, path: str | os.PathLike[str] | None = None, source: str | None = None,
-            batch_size: int = 8) -> Blade:
+            batch_size: int = 8) -> BladeFile:
     """The source model's hidden state at `site`, averaged over the prompts: each prompt's mean over its
     real tokens (`reduce="mean"`), its last real token (`"last"`), or every token (`"sequence"`: a
     [length, hidden] blade whose row p is the mean over the prompts that reach position p). Written to
@@ -81,7 +82,7 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
         "domain": domain or "", "reduce": reduce, "prompts": str(len(prompts)),
         "prompts_hash": hashlib.sha256(text.encode()).hexdigest()[:16], "garage_version": __version__,
     }
-    blade = Blade(tensor, metadata)
+    blade = BladeFile(tensor, metadata)
     if path is not None:
         blade.save(path)
     return blade
@@ -103,18 +104,11 @@ def _sequence(model: nn.Module, tokenizer: Any, prompts: list[str], label: str) 
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, str]:
-    """What a blade (or any one-tensor safetensors) file records, with its tensor's shape and norm."""
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise ValueError(f"{name}: no such file")
+    """What a blade (or any one-tensor) file records, with its tensor's shape and norm. The file is read as
+    a spec's values are (`plan.files.load_tensor`: bounded, no code run); a problem is a ValueError."""
     try:
-        with safe_open(name, framework="pt") as f:
-            keys = list(f.keys())
-            tensor = f.get_tensor(keys[0]) if len(keys) == 1 else None
-            metadata = dict(f.metadata() or {})
-    except Exception as err:  # safetensors' own error for a file of another format
-        raise ValueError(f"{name} is not a safetensors file ({type(err).__name__}: {err})") from None
-    if tensor is None:
-        raise ValueError(f"{name} holds {len(keys)} tensors ({', '.join(keys) or 'none'}); a blade is one")
-    return {**metadata, "tensor": keys[0], "shape": json.dumps(list(tensor.shape)),
-            "norm": f"{tensor.float().norm().item():.6g}"}
+        loaded = load_tensor(os.fspath(path))
+    except FileProblem as err:
+        raise ValueError(err.message + (f" ({err.hint})" if err.hint else "")) from None
+    return {**loaded.metadata, "shape": json.dumps(list(loaded.tensor.shape)),
+            "norm": f"{loaded.tensor.float().norm().item():.6g}"}

@@ -97,7 +97,11 @@ def test_blade_extract_and_info_on_the_command_line(tmp_path, capsys):
     assert "holds no prompts" in capsys.readouterr().err
     assert main(["blade", "info", str(tmp_path / "missing.safetensors")]) == 2
     assert main(["blade", "info", str(prompts)]) == 2
-    assert "is not a safetensors file" in capsys.readouterr().err
+    assert "unsupported file type '.txt'" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a header at all")
+    assert main(["blade", "info", str(junk)]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ sequence blades

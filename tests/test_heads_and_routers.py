@@ -163,9 +163,9 @@ class FirstLinear(TorchFunctionMode):
         return out
 
 
-def router_reference(model: nn.Module, inputs: dict[str, torch.Tensor], layer: int, formula: Formula) -> torch.Tensor:
-    blocks, router = ROUTER[model.config.model_type]
-    target = module(model, f"{blocks}.{layer}.{router}")
+def router_reference(model: nn.Module, inputs: dict[str, torch.Tensor], path: str, formula: Formula) -> torch.Tensor:
+    """The model's output with `formula` applied to the first F.linear result inside the module at `path`."""
+    target = module(model, path)
     modes: list[FirstLinear] = []
 
     def enter(*_: object) -> None:
@@ -223,7 +223,8 @@ def test_each_router_op_changes_the_logits_before_routing(moe, op):
                     got = out_of(model(**inputs))
             seen: list[torch.Tensor] = []
             formula = ROUTER_OPS[op](t)
-            want = router_reference(model, inputs, 2, lambda x: seen.append(x) or formula(x))
+            blocks, router = ROUTER[name]
+            want = router_reference(model, inputs, f"{blocks}.2.{router}", lambda x: seen.append(x) or formula(x))
             assert close(got, want), (name, op, seed, backend.__name__)
         if op.startswith("capture"):
             inj = garage.compile(model, f"at h.2.router {op}")

@@ -30,12 +30,6 @@ def user_module(module: nn.Module) -> tuple[nn.Module, str, View] | None:
     return inner, "module", view
 
 
-def describe(shape: torch.Size, names: HiddenShape) -> str:
-    words = {names.batch: "batch", names.seq: "seq", f"{names.batch}*{names.seq}": "batch*seq",
-             f"{names.seq}*{names.batch}": "batch*seq"}
-    return "[" + ", ".join(words.get(str(d), str(d)) for d in shape) + "]"
-
-
 def _same(a: torch.Size, b: torch.Size) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
@@ -58,16 +52,16 @@ def check_module(module: nn.Module, role: str, site_value: torch.Tensor, names: 
                           "it is checked when it first runs; make it shape-static to have it checked here",
                           "warning", "unchecked-shape") from None
         except Exception as err:  # user code: any failure is the user's to see, with the statement it came from
-            raise Problem(span, f"{what} fails on a {describe(value.shape, names)} input: "
+            raise Problem(span, f"{what} fails on a {names.describe(value)} input: "
                           f"{type(err).__name__}: {err}".rstrip(),
                           "make it map [batch, seq, hidden] to the same shape") from None
-    expected = describe(value.shape, names)
+    expected = names.describe(value)
     if not isinstance(out, torch.Tensor):
         raise Problem(span, f"{what} returns a {type(out).__name__}, not a tensor",
                       f"return one {expected} tensor")
     fits = _same(out.shape, value.shape) or (role == "blade" and _same(out.shape, value.shape[-1:]))
     if not fits:
-        raise Problem(span, f"{what} maps {expected} to {describe(out.shape, names)}",
+        raise Problem(span, f"{what} maps {expected} to {names.describe(out)}",
                       f"it must return {expected}: the site's shape (a `{role}` cannot change the hidden size)")
     if out.dtype != value.dtype:
         raise Problem(span, f"{what} returns {str(out.dtype)[6:]}, "

@@ -60,7 +60,7 @@ class HiddenShape:
 
     def describe(self, value: object, heads: int = 0) -> str:
         """A value's shape in words: `[batch, seq, 576]`, `[batch*seq, 576]` for a flattened one, and
-        `[batch, seq, 9×64]` for one split into 9 heads."""
+        `[batch, seq, 9×64]` for one split into 9 heads; "-" for what is not a tensor."""
         if not isinstance(value, torch.Tensor):
             return "-"
         names = {self.batch: "batch", self.seq: "seq", f"{self.batch}*{self.seq}": "batch*seq",
