@@ -58,7 +58,25 @@ def graph_module_like(base: GraphModule, owners: dict[str, Any], graph: torch.fx
     for attr in ("_in_spec", "_out_spec", "meta"):
         if hasattr(base, attr):
             setattr(gm, attr, getattr(base, attr))
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:  # the graph's own: it may take more inputs than base
+        gm._in_spec = info.in_spec
     return gm
+
+
+def with_more_inputs(graph: torch.fx.Graph, extra: int) -> None:
+    """Let a graph take `extra` more tensors at the end of its last positional argument, a tuple (the step
+    graph's cache buffers), by giving it a new pytree codegen (`torch.fx.graph._PyTreeCodeGen` and
+    `_PyTreeInfo`, checked on torch 2.13). If they change, fusing a live blade source into the step graph
+    fails at this call, and the live-blade generation tests fail."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    from torch.utils import _pytree as pytree
+
+    info = graph._codegen.pytree_info  # type: ignore[attr-defined]
+    args, kwargs = pytree.tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
+    args = (*args[:-1], (*args[-1], *range(extra)))
+    spec = pytree.tree_structure((args, kwargs))
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, spec, info.out_spec))
 
 
 def statically_known_true(condition: Any) -> bool:

@@ -59,12 +59,17 @@ def source_name(model: nn.Module) -> str:
 @torch.no_grad()
 def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str = "N-4", reduce: Reduce = "mean",
             domain: str | None = None, path: str | os.PathLike[str] | None = None, source: str | None = None,
-            batch_size: int = 8) -> BladeFile:
+            batch_size: int = 8, project: Literal["topk"] | None = None, width: int | None = None,
+            calibration: Sequence[str] | None = None) -> BladeFile:
     """The source model's hidden state at `site`, averaged over the prompts: each prompt's mean over its
     real tokens (`reduce="mean"`), its last real token (`"last"`), or every token (`"sequence"`: a
     [length, hidden] blade whose row p is the mean over the prompts that reach position p). Written to
     `path` when given. `source` is the name recorded for the model (default: the hub id or folder it was
-    loaded from)."""
+    loaded from).
+
+    `project="topk"` keeps the `width` units (default: the source's hidden size) of largest mean |value|
+    over every real token of the `calibration` prompts (default: `prompts`): the FFN projection of blade
+    rule 7, for a site wider than the target, such as `h.K.mlp.hidden`. The file records their indices."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("give a non-empty list of prompts")
     where, info = one_site(model, site), ModelInfo.from_model(model)
@@ -72,6 +77,18 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
         tensor = _sequence(model, tokenizer, list(prompts), where.label)
     else:
         tensor = states(model, tokenizer, list(prompts), where.label, reduce, batch_size).mean(0)
+    chosen: dict[str, str] = {}
+    if project == "topk":
+        keep = width or info.hidden_size
+        if not 0 < keep <= tensor.shape[-1]:
+            raise ValueError(f"project topk keeps {keep} of {where.label}'s {tensor.shape[-1]} units: choose a "
+                             f"width in 1..{tensor.shape[-1]}")
+        indices = _most_active(model, tokenizer, list(calibration or prompts), where.label, keep)
+        chosen = {"project": "topk", "source_width": str(tensor.shape[-1]), "indices": json.dumps(indices.tolist()),
+                  "calibration_prompts": str(len(calibration or prompts))}
+        tensor = tensor[..., indices]
+    elif project is not None:
+        raise ValueError(f"project is 'topk' or None, not {project!r} (`project linear` is learned in the spec)")
     text = "\n".join(prompts)
     metadata = {
         "kind": "blade", "model_type": info.model_type, "source": source or source_name(model),
@@ -80,12 +97,25 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
         "num_layers": str(info.num_layers),
         "depth": "" if where.layer is None else f"{where.layer / info.num_layers:.4f}",
         "domain": domain or "", "reduce": reduce, "prompts": str(len(prompts)),
-        "prompts_hash": hashlib.sha256(text.encode()).hexdigest()[:16], "garage_version": __version__,
+        "prompts_hash": hashlib.sha256(text.encode()).hexdigest()[:16], "garage_version": __version__, **chosen,
     }
     blade = BladeFile(tensor, metadata)
     if path is not None:
         blade.save(path)
     return blade
+
+
+def _most_active(model: nn.Module, tokenizer: Any, prompts: list[str], label: str, keep: int) -> torch.Tensor:
+    """The `keep` units of largest mean |value| over every real token of the prompts, in ascending order."""
+    device = next(model.parameters()).device
+    total, tokens = None, 0
+    for prompt in prompts:  # one at a time: every token is real
+        ids = tokenizer([prompt], return_tensors="pt")["input_ids"].to(device)
+        h = capture(model, label, {"input_ids": ids})[label].float().reshape(ids.shape[1], -1).abs().sum(0).cpu()
+        total = h if total is None else total + h
+        tokens += ids.shape[1]
+    assert total is not None
+    return (total / tokens).topk(keep).indices.sort().values
 
 
 def _sequence(model: nn.Module, tokenizer: Any, prompts: list[str], label: str) -> torch.Tensor:

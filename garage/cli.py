@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--reduce", choices=("mean", "last", "sequence"), default="mean",
                          help="each prompt's state: the mean over its tokens, its last token, or every token "
                               "(a [length, hidden] sequence blade) (default: mean)")
+    extract.add_argument("--project", choices=("topk",), help="keep only the most active units of a wide site, "
+                         "such as h.K.mlp.hidden (the FFN projection), chosen on the calibration prompts")
+    extract.add_argument("--width", type=int, help="how many units --project topk keeps (default: the source's "
+                         "hidden size; give the target's)")
+    extract.add_argument("--calibration", type=Path, metavar="FILE",
+                         help="prompts, one a line, that choose the units for --project topk (default: --prompts)")
     extract.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
     blade_info = blade_sub.add_parser("info", help="show a blade file's metadata, shape and norm")
     blade_info.add_argument("file", type=Path, help="a blade .safetensors file")
@@ -270,8 +276,9 @@ def _cmd_blade(args: argparse.Namespace) -> int:
     with _step(f"loading {name}"):
         model, tokenizer = load_model_and_tokenizer(name)
     with _step(f"reading {args.site} on {len(prompts)} prompts"):
+        calibration = _prompts([], args.calibration) if args.calibration else None
         blade = blades.extract(model, tokenizer, prompts, site=args.site, reduce=args.reduce, domain=args.domain,
-                               source=name)
+                               source=name, project=args.project, width=args.width, calibration=calibration)
     path = blade.save(args.output)
     shape = ", ".join(str(n) for n in blade.tensor.shape)
     print(f"{path}: [{shape}] at {blade.metadata['site']} of {name}, norm {blade.tensor.norm():.4g}")

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from .check.validate import validate
-from .lang.diagnostics import GarageWarning
+from .lang.diagnostics import GarageWarning, ValidationError
+from .ops import innermost
 from .plan.prepare import Prepared, SpecLike, prepare
 from .runtime.hooks import HookSet, attach
 from .runtime.injected import InjectedModel
@@ -40,7 +41,16 @@ def compile(
 
 
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:
-    """The hook backend: the spec applied to the eager model by forward hooks, until `.remove()`."""
+    """The hook backend: the spec applied to the eager model by forward hooks, until `.remove()`.
+
+    A live source blade is refused here: hooks would see only the target's new tokens in a cached decode
+    step, with no cache for the source; the graph backend runs both models with their own caches."""
     prepared = prepare(model, spec, bind)
     modules = prepared.raise_if_errors()
+    live = [step for step, m in zip(prepared.plan, modules) if getattr(innermost(m), "live", None) is not None]
+    if live:
+        raise ValidationError([prepared.spec.source.diagnostic(
+            live[0].op.span, "a blade from a live source model runs in garage.compile only, not under hooks",
+            "use garage.compile (garage run without --hooks), or record the source's state with garage blade "
+            "extract and add the file")])
     return attach(model, [s.site for s in prepared.plan], modules), prepared

@@ -13,11 +13,15 @@ Built-in models:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -219,6 +223,7 @@ def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.devic
     if name in TINY:
         torch.manual_seed(seed)
         model, tokenizer = TINY[name](), char_tokenizer()
+        model.config._name_or_path = name  # what blade files and messages call it
     elif name.startswith("tiny:"):
         raise ValueError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
     else:
@@ -232,4 +237,37 @@ def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.devic
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    _TOKENIZERS[model] = tokenizer
     return model.eval(), tokenizer
+
+
+_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, PreTrainedTokenizerBase]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase | None:
+    """The tokenizer garage loaded with this model, else the one saved in the local folder it came from;
+    None when neither is known (nothing is downloaded to find out)."""
+    if model in _TOKENIZERS:
+        return _TOKENIZERS[model]
+    folder = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not folder or not os.path.isdir(folder):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):  # a folder with weights and no tokenizer files
+        return None
+
+
+def vocab_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of a tokenizer's vocabulary (token → id): equal exactly when both map text the same way."""
+    text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def shared_model(name: str, device: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A model loaded once per process for this device and dtype (a spec's `from model "…"` source, which
+    checking and compiling the same spec both need)."""
+    return load_model_and_tokenizer(name, device=device, dtype=dtype)[0]

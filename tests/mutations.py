@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (22 mutations, about 8 minutes on 2 cores)
+    python tests/mutations.py            # every mutation (26 mutations, about 20 minutes on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
-         "tests/test_blades.py"]
+         "tests/test_blades.py", "tests/test_live_blades.py"]
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
@@ -35,6 +35,11 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "blade alpha": ("garage/ops/blade.py", "return h + self.alpha * b", "return h + b"),
     "blade gate": ("garage/ops/blade.py", "b = torch.sigmoid(self.gate(h)) * b", "b = torch.sigmoid(self.gate(h) + 1) * b"),
     "blade topk order": ("garage/ops/blade.py", "blade = blade[..., keep]", "blade = blade[..., keep.flip(0)]"),
+    "live blade reads the target": ("garage/ops/blade.py", "b = self.source(inputs[0], h)", "b = self.source(h, h)"),
+    "live projection skipped": ("garage/ops/blade.py", "return state if self.linear is None else self.linear(state)",
+                                "return state[..., : h.shape[-1]]"),
+    "live source shares the target's cache": ("garage/fx/fuse.py", 'STEP_ARGS if kind == "step" else None', "None"),
+    "ffn topk picks the least active": ("garage/blades.py", "(total / tokens).topk(keep)", "(-total / tokens).topk(keep)"),
     "debate average": ("garage/ops/debate.py", "return (a + b) / 2", "return (a + b) / 2.5"),
     "debate gate": ("garage/ops/debate.py", "return g * a + (1 - g) * b", "return g * a + (1 - g) * b * 0.9"),
     "capture copy": ("garage/ops/capture.py", "self.store[self.key] = h.detach()",

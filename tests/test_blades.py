@@ -171,3 +171,59 @@ def test_the_checker_accepts_exactly_the_blade_shapes_that_run():
     assert "a blade is one vector [hidden] or one sequence [length, hidden]" in error.message and error.column == 25
     (error,) = garage.check(model, "at h.1.attn.heads blade gated from b", bind={"b": torch.randn(7, 16)}).errors
     assert "a sequence blade cannot be added at attention heads" in error.message
+
+
+CALIBRATION = ["one two three four", "a b c d e f g", "the cat sat on the mat", "x = y + z"]
+
+
+def test_project_topk_keeps_the_ffn_units_most_active_on_calibration_prompts(source, tmp_path, capsys):
+    """Blade rule 7: a source FFN's inner activation (256 wide) brought to a 64-wide target by the 64 units
+    of largest mean |activation| over every calibration token, chosen by hand here from a hook on the
+    source's down projection (the test's own path)."""
+    model, tokenizer = source
+    seen = []
+    handle = model.model.layers[5].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0][0]))
+    with torch.no_grad():
+        for prompt in CALIBRATION + PROMPTS:
+            model(input_ids=tokenizer([prompt], return_tensors="pt")["input_ids"])
+    handle.remove()
+    magnitude = torch.cat(seen[: len(CALIBRATION)]).abs().mean(0)
+    keep = magnitude.topk(HIDDEN).indices.sort().values
+    want = torch.stack([act.mean(0) for act in seen[len(CALIBRATION):]]).mean(0)[keep]
+    path = tmp_path / "ffn.blade.safetensors"
+    blade = garage.blades.extract(model, tokenizer, PROMPTS, site="h.5.mlp.hidden", project="topk", width=HIDDEN,
+                                  calibration=CALIBRATION, path=path)
+    assert blade.tensor.shape == (HIDDEN,) and torch.allclose(blade.tensor, want, atol=1e-4)
+    assert blade.metadata["indices"] == str(keep.tolist()) and blade.metadata["source_width"] == "256"
+    assert blade.metadata["hidden_size"] == str(HIDDEN) and blade.metadata["site"] == "h.5.mlp.hidden"
+    target = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    handle = target.model.layers[2].register_forward_hook(on_output(lambda h: h + 0.5 * want))
+    with torch.no_grad():
+        expected = target(input_ids=ids).logits
+    handle.remove()
+    got = garage.compile(target, f'at h.2 blade identity from "{path}" alpha 0.5')(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
+    (tmp_path / "c.txt").write_text("\n".join(CALIBRATION))
+    assert main(["blade", "extract", "--model", "tiny:llama", "--site", "h.5.mlp.hidden", "--project", "topk",
+                 "--width", str(HIDDEN), "--calibration", str(tmp_path / "c.txt"), "--prompts", str(tmp_path / "p.txt"),
+                 "-o", str(tmp_path / "cli.safetensors")]) == 0
+    assert garage.blades.info(tmp_path / "cli.safetensors")["indices"] == str(keep.tolist())
+    with pytest.raises(ValueError, match="choose a width in 1..256"):
+        garage.blades.extract(model, tokenizer, PROMPTS, site="h.5.mlp.hidden", project="topk", width=300)
+
+
+def test_a_blade_file_whose_metadata_disagrees_is_refused_at_its_span(tmp_path):
+    """A [64] tensor whose file says it came from a 96-wide model: the recorded size is believed (a file
+    cut down by hand would still carry another model's state); metadata that is not a number is ignored."""
+    from safetensors.torch import save_file
+
+    save_file({"blade": torch.randn(HIDDEN)}, str(tmp_path / "lies.safetensors"), metadata={"hidden_size": "96"})
+    save_file({"blade": torch.randn(HIDDEN)}, str(tmp_path / "odd.safetensors"),
+              metadata={"hidden_size": "n/a", "depth": "deep", "layer": "x"})
+    model = tiny_model("llama")
+    report = garage.check(model, f'at h.2 blade gated from "{tmp_path / "lies.safetensors"}"')
+    (error,) = report.errors
+    assert "comes from a source with hidden size 96" in error.message and (error.line, error.column) == (1, 25)
+    assert garage.check(model, f'at h.2 blade gated from "{tmp_path / "odd.safetensors"}"').ok

@@ -102,11 +102,9 @@ def test_an_encoder_cannot_generate():
         garage.compile(tiny_model("bert"), "").generate(torch.ones(1, 3, dtype=torch.long))
 
 
-def test_saved_program_runs_in_a_fresh_process_with_plain_torch(tmp_path):
-    model = tiny_model("llama")
-    injected = garage.compile(model, "at h.1 scale 0.5; at h.2[last] add v; at h.1.mlp blade gated from v",
-                              bind={"v": torch.randn(64)})
-    ids, mask = prompt()
+def saved_program_matches(injected, tmp_path, ids, mask) -> str:
+    """Save the injected model as a .pt2 and run it in a fresh process that imports neither transformers
+    nor garage: the logits must be equal. Returns the path."""
     path = injected.save(tmp_path / "steered.pt2")
     torch.save({"ids": ids, "mask": mask, "logits": injected(input_ids=ids, attention_mask=mask).logits},
                tmp_path / "expected.pt")
@@ -121,6 +119,15 @@ def test_saved_program_runs_in_a_fresh_process_with_plain_torch(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.strip() == "ok", result.stderr
+    return path
+
+
+def test_saved_program_runs_in_a_fresh_process_with_plain_torch(tmp_path):
+    model = tiny_model("llama")
+    injected = garage.compile(model, "at h.1 scale 0.5; at h.2[last] add v; at h.1.mlp blade gated from v",
+                              bind={"v": torch.randn(64)})
+    ids, mask = prompt()
+    path = saved_program_matches(injected, tmp_path, ids, mask)
     assert torch.equal(garage.load_artifact(path)(input_ids=ids, attention_mask=mask),
                        injected(input_ids=ids, attention_mask=mask).logits)
 

@@ -95,7 +95,7 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
             yield Finding(step, "`blade identity` adds the blade ungated; learned gating did better (+8.9%)",
                           "write `blade gated`", "gated-over-identity")
         inner = ops.innermost(module) if module is not None else None
-        if isinstance(inner, ops.Blade) and isinstance(inner.source, ops.TensorSource):
+        if isinstance(inner, ops.Blade) and isinstance(inner.source, (ops.TensorSource, ops.LiveSource)):
             yield from _provenance(step, inner.source.metadata, plan)
             domain = inner.source.metadata.get("domain")
             if domain:
@@ -109,8 +109,8 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
 
 
 def _provenance(step: Step, made: dict[str, str], plan: Plan) -> Iterator[Finding]:
-    """Warnings from what a blade file records: taken at another depth than it is added at, or taken from
-    this very model (no capability gap to transfer)."""
+    """Warnings from what a blade file records (or a live source's site): taken at another depth than it is
+    added at, or taken from this very model (no capability gap to transfer)."""
     n, layer = plan.info.num_layers, step.site.layer
     try:
         depth = float(made.get("depth", ""))

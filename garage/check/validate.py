@@ -16,6 +16,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..fx.export import TraceFailure, trace_diagnostic
+from ..fx.fuse import splicer
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject, site_location
 from ..fx.steps import GraphKey, checked_kinds, graph_of, placement
@@ -114,7 +115,12 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
     modules = [m for m in prepared.modules if m is not None]
     if any(d.is_error for d in out) or len(modules) != len(prepared.modules):
         return out, {}, None
-    rewritten = inject(base, [s.site for s in plan], modules, hidden, prefix, position_inputs)
+    try:
+        sources = splicer(modules, kind)
+    except (SiteNotFound, TraceFailure) as err:  # a live blade's source model, not the target
+        return out + [Diagnostic("error", f"cannot place a live blade source model in the graph: {err}",
+                                 source.filename, hint="take the blade from a file (garage blade extract)")], {}, None
+    rewritten = inject(base, [s.site for s in plan], modules, hidden, prefix, position_inputs, sources)
     findings = graph_findings(rewritten.graph_module, plan, {x.index: x.node for x in rewritten.inserted})
     return out + [_diagnostic(prepared, f) for f in dedupe(findings)], {kind: rewritten}, None
 

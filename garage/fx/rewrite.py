@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
@@ -69,7 +69,7 @@ def _attr(root: nn.Module, target: str) -> object:
     return root
 
 
-def graph_module(base: GraphModule, graph: Graph, extra: dict[str, nn.Module]) -> GraphModule:
+def graph_module(base: GraphModule, graph: Graph, extra: dict[str, object]) -> GraphModule:
     """A GraphModule running `graph`, with the base's parameters (shared, not copied) and `extra` submodules."""
     owners: dict[str, object] = {}
     for node in graph.nodes:
@@ -79,6 +79,11 @@ def graph_module(base: GraphModule, graph: Graph, extra: dict[str, nn.Module]) -
     return graph_module_like(base, owners, graph)
 
 
+# Adds other graphs' nodes to a graph (`fx.fuse.splice`): the value each op index reads after h, and the
+# tensors the added nodes read, by attribute name.
+Splicer = Callable[[Graph], tuple[dict[int, Node], dict[str, object]]]
+
+
 def inject(
     base: GraphModule,
     sites: Sequence[ConcreteSite],
@@ -86,16 +91,18 @@ def inject(
     hidden: int,
     prefix: str = "",
     position_inputs: Sequence[str | None] = POSITION_INPUTS,
+    splicer: Splicer | None = None,
 ) -> Rewritten:
     """A copy of `base` with `modules[i]` applied at `sites[i]`. `base` itself is not changed.
 
     Position-limited ops also receive the graph inputs named in `position_inputs` (None, or a name the
     graph lacks, passes None): the attention mask, in generation graphs the prompt lengths and the
     position ids, and the input ids (whose shape gives batch and sequence for flattened values).
+    Live blades receive their source's state, from the nodes `splicer` adds.
     """
     locations = [site_location(base, site, hidden, prefix) for site in sites]
     graph = copy_graph(base)
-    submodules: dict[str, nn.Module] = {}
+    sourced, submodules = splicer(graph) if splicer is not None else ({}, {})
     nodes = {n.name: n for n in graph.nodes}
     position_args = tuple(nodes.get(name) if name else None for name in position_inputs)
     seen: dict[tuple[str, str], Node] = {}  # (site node, user) → the value that user currently reads
@@ -115,6 +122,8 @@ def inject(
             name = f"{OP_PREFIX}{i}"
             submodules[name] = modules[i]
             extra = position_args if takes_positions(modules[i]) else ()
+            if i in sourced:
+                extra = (sourced[i], *extra)
             with graph.inserting_after(value):
                 new = graph.call_module(name, (value, *extra))
             new.meta["val"] = origin.meta.get("val")
@@ -127,4 +136,4 @@ def inject(
     return Rewritten(graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index))
 
 
-__all__ = ["POSITION_INPUTS", "Inserted", "Location", "Rewritten", "inject", "site_location"]
+__all__ = ["POSITION_INPUTS", "Inserted", "Location", "Rewritten", "Splicer", "inject", "site_location"]

@@ -116,7 +116,7 @@ def format_value(value: ast.BladeSource) -> str:
     if isinstance(value, ast.BoundValue):
         return value.name
     if isinstance(value, ast.ModelSource):
-        return f"model {format_string(value.path)}"
+        return f"model {value.ref if value.bound else format_string(value.ref)}"
     return format_string(value.path + (f"#{value.key}" if value.key else ""))
 
 
@@ -150,6 +150,8 @@ def format_op(op: ast.Op) -> str:
             words.append(op.method)
         if op.source is not None:
             words += ["from", format_value(op.source)]
+        if op.layer is not None:
+            words += ["layer", str(op.layer)]
         if op.project is not None:
             words += ["project", op.project]
         if op.alpha is not None:

@@ -155,9 +155,10 @@ class BoundValue:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """`model "path-or-id"`: a live source model for a blade."""
+    """`model "path-or-id"`, or `model NAME` bound in Python: a live source model for a blade."""
 
-    path: str
+    ref: str
+    bound: bool = False
     span: Span = _span()
 
 
@@ -230,6 +231,7 @@ class Blade:
     source: BladeSource | None = None
     project: str | None = None
     alpha: float | None = None
+    layer: int | None = None  # the live source's layer (`layer K`; default: the same depth)
     span: Span = _span()
 
 

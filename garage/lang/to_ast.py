@@ -237,7 +237,10 @@ class ToAst(Transformer_NonRecursive):
         return ast.BoundValue(str(children[0]), self._span(meta))
 
     def source_model(self, meta: Meta, children: list[Any]) -> ast.ModelSource:
-        return ast.ModelSource(_unquote(children[0]), self._span(meta))
+        return ast.ModelSource(_unquote(children[0]), False, self._span(meta))
+
+    def source_model_bound(self, meta: Meta, children: list[Any]) -> ast.ModelSource:
+        return ast.ModelSource(str(children[0]), True, self._span(meta))
 
     # ops -------------------------------------------------------------
     def scale(self, meta: Meta, children: list[Any]) -> ast.Scale:
@@ -313,6 +316,9 @@ class ToAst(Transformer_NonRecursive):
     def clause_alpha(self, meta: Meta, children: list[Any]) -> Clause:
         return ("alpha", children[0], self._span(meta))
 
+    def clause_layer(self, meta: Meta, children: list[Any]) -> Clause:
+        return ("layer", self._int(children[0], "layer"), self._span(meta))
+
     def clause_views(self, meta: Meta, children: list[Any]) -> Clause:
         return ("views", children[0], self._span(meta))
 
@@ -320,7 +326,12 @@ class ToAst(Transformer_NonRecursive):
         return ("strength", children[0], self._span(meta))
 
     def blade(self, meta: Meta, children: list[Any]) -> ast.Blade:
-        return ast.Blade(children[0], **self._clauses(children[1:], meta), span=self._span(meta))
+        clauses = self._clauses(children[1:], meta)
+        if "layer" in clauses and not isinstance(clauses.get("source"), ast.ModelSource):
+            span = next(span for key, _, span in children[1:] if key == "layer")
+            raise Problem(span, "`layer K` chooses a live source model's layer, and this blade has none",
+                          'take the blade from a model: blade gated from model "path-or-id" layer K')
+        return ast.Blade(children[0], **clauses, span=self._span(meta))
 
     def blade_bare(self, meta: Meta, children: list[Any]) -> ast.Blade:
         return ast.Blade(span=self._span(meta))

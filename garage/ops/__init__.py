@@ -7,7 +7,7 @@ May import: torch and garage._compat only.
 from .ablate import Ablate
 from .add import Add
 from .base import Op, place, placement
-from .blade import Blade, ModuleSource, TensorSource
+from .blade import Blade, LiveSource, ModuleSource, TensorSource
 from .capture import Capture
 from .clamp import Clamp
 from .debate import Debate, chamber
@@ -21,7 +21,7 @@ from .wrapper import Wrapper, innermost, takes_positions
 from .zero import Zero
 
 __all__ = [
-    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "Heads", "MaskExperts", "ModuleSource",
+    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "Heads", "LiveSource", "MaskExperts", "ModuleSource",
     "Noise", "Op", "REGISTRY", "Scale", "TensorSource", "Wrapper", "Zero", "chamber", "innermost", "place",
     "placement", "register", "takes_positions", "token_positions",
 ]

@@ -52,6 +52,27 @@ class TensorSource(nn.Module):
         return (rows * keep.unsqueeze(-1).to(rows.dtype)).reshape(h.shape)
 
 
+class LiveSource(nn.Module):
+    """A source model run on the same input: its hidden state at `site` (of the source), which the injected
+    graph computes by running the source's layers up to that site (`fx.fuse`) and passes in, projected by a
+    trainable Linear (`project linear`) when the widths differ. The source model is held, not owned: its
+    parameters are not the op's, and moving the op never moves them."""
+
+    def __init__(self, model: nn.Module, site: object, width: int, hidden: int, project: str | None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        self.model: nn.Module
+        self.site = site  # a plan.resolve.ConcreteSite of the source model
+        self.width = width
+        self.metadata = dict(metadata or {})  # the same provenance keys a blade file records
+        self.linear = nn.Linear(width, hidden, bias=False) if project == "linear" and width != hidden else None
+
+    def forward(self, state: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        state = state.reshape(*h.shape[:-1], self.width)  # the same tokens, whatever layout the source keeps
+        return state if self.linear is None else self.linear(state)
+
+
 class ModuleSource(nn.Module):
     """A bound module computing the blade from the hidden state: b = module(h)."""
 
@@ -82,11 +103,19 @@ class Blade(Op):
         """A sequence blade reads each token's absolute position."""
         return isinstance(self.source, TensorSource) and self.source.sequence
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                prompt_length: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.takes_positions:
-            b = self.source(h, *token_positions(h, attention_mask, position_ids, input_ids, prompt_length))
+    @property
+    def live(self) -> LiveSource | None:
+        """The live source model, whose state the graph passes in after h."""
+        return self.source if isinstance(self.source, LiveSource) else None
+
+    def forward(self, h: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """`inputs` are the source's state for a live blade, the position inputs for a sequence blade
+        (attention mask, prompt lengths, position ids, input ids), else nothing."""
+        if self.live is not None:
+            b = self.source(inputs[0], h)
+        elif self.takes_positions:
+            mask, prompt_length, position_ids, input_ids = inputs
+            b = self.source(h, *token_positions(h, mask, position_ids, input_ids, prompt_length))
         else:
             b = self.source(h)
         if self.method == "gated":

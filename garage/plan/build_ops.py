@@ -44,7 +44,7 @@ def load_value(value: ast.Value, ctx: BuildContext, want: str = "tensor") -> Loa
     """The tensor a VALUE names: a bound tensor, or a file loaded safely."""
     if isinstance(value, ast.BoundValue):
         if value.name not in ctx.bind:
-            raise Problem(value.span, f"'{value.name}' is not bound", _bind_hint(value.name, ctx))
+            raise Problem(value.span, f"'{value.name}' is not bound", bind_hint(value.name, ctx))
         bound = ctx.bind[value.name]
         if not isinstance(bound, torch.Tensor):
             raise Problem(value.span, f"'{value.name}' is bound to a {type(bound).__name__}, not a {want}", f"bind a {want}")
@@ -55,12 +55,12 @@ def load_value(value: ast.Value, ctx: BuildContext, want: str = "tensor") -> Loa
         raise Problem(value.span, err.message, err.hint) from None
 
 
-def _bind_hint(name: str, ctx: BuildContext) -> str:
+def bind_hint(name: str, ctx: BuildContext) -> str:
     near = did_you_mean(name, [str(k) for k in ctx.bind])
     return near or f'pass it to garage: bind={{"{name}": ...}}'
 
 
-def _float_tensor(tensor: torch.Tensor, value: ast.BladeSource) -> torch.Tensor:
+def _float_tensor(tensor: torch.Tensor, value: ast.Value) -> torch.Tensor:
     """A dense floating tensor with values: sparse layouts are densified, 8-bit floats (which few ops
     support) are up-cast; meta and non-float tensors are refused at the value's span."""
     if tensor.is_meta:
@@ -80,7 +80,7 @@ def recorded_hidden(loaded: LoadedTensor) -> int | None:
     return int(recorded) if recorded.isdigit() else None
 
 
-def _shown(value: ast.BladeSource) -> str:
+def _shown(value: ast.Value) -> str:
     return f"'{value.name}'" if isinstance(value, ast.BoundValue) else value.path
 
 
@@ -149,9 +149,7 @@ def _module(op: ast.ModuleOp, ctx: BuildContext) -> nn.Module:
 def _blade(op: ast.Blade, ctx: BuildContext) -> nn.Module:
     if op.source is None:
         return ops.chamber(ctx.hidden, op.method)
-    if isinstance(op.source, ast.ModelSource):
-        raise Problem(op.source.span, "a live source model (`from model`) is not supported yet",
-                      "record the source's hidden state to a .safetensors file and use `from \"file\"`")
+    assert not isinstance(op.source, ast.ModelSource)  # built by plan.live, which needs the target model
     assert op.method is not None  # the grammar requires a method before `from`
     bound = ctx.bind.get(op.source.name) if isinstance(op.source, ast.BoundValue) else None
     if isinstance(bound, nn.Module):

@@ -26,7 +26,8 @@ from ..lang.diagnostics import (
 from ..lang.parse import parse_collect, parse_site, read_spec_file
 from ..ops import place, placement
 from .archs import ModelInfo
-from .build_ops import BuildContext, build_op, capture_keys
+from .build_ops import BuildContext, at_site, build_op, capture_keys
+from .live import is_live, live_blade
 from .resolve import ConcreteSite, Plan, concrete_sites, resolve_collect
 
 SpecLike = Union[ast.Spec, str, "os.PathLike[str]"]
@@ -109,7 +110,8 @@ def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None 
             try:
                 width = step.site.op_width
                 here = ctx if width is None else replace(ctx, hidden=width, width_name=_width_name(step.site))
-                module = place(build_op(step, here, key), model)
+                built = at_site(live_blade(step, here, model, info), step.site) if is_live(step) else build_op(step, here, key)
+                module = place(built, model)
             except Problem as problem:
                 failed.add(step.statement)
                 unbuilt.append(problem.diagnostic(spec.source))

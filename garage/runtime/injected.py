@@ -21,6 +21,7 @@ from ..fx.export import (
     trace_diagnostic,
     vocab_size,
 )
+from ..fx.fuse import splicer
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject
 from ..fx.steps import (
@@ -33,6 +34,7 @@ from ..fx.steps import (
 )
 from ..lang.diagnostics import Diagnostic, ValidationError
 from ..lang.formatter import format_op
+from ..ops import innermost
 from ..plan.resolve import Plan
 from . import artifact
 from .compiled import compiled
@@ -68,20 +70,22 @@ class InjectedModel(nn.Module):
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._graphs: dict[GraphKey, Rewritten] = dict(graphs or {})
         self._runners: dict[GraphKey, Callable[..., Any]] = {}
-        self._causal_path = unpadded_possible(model)
+        sources = [live.model for m in modules if (live := getattr(innermost(m), "live", None)) is not None]
+        self._causal_path = all(unpadded_possible(m) for m in [model, *sources])
         self.train(model.training)
 
     # ------------------------------------------------------------------ graphs
-    def _inject(self, base: GraphModule, **where: Any) -> Rewritten:
-        return inject(base, [s.site for s in self.plan], list(self.ops), self.plan.info.hidden_size, **where)
+    def _inject(self, kind: GraphKey) -> Rewritten:
+        prefix, inputs = placement(kind)
+        return inject(graph_of(self.model, kind), [s.site for s in self.plan], list(self.ops),
+                      self.plan.info.hidden_size, prefix, inputs, splicer(list(self.ops), kind))
 
     def _graph(self, kind: GraphKey) -> Rewritten:
         """The injected graph of this kind: a scoring signature, "step" (generation) or "unpadded"."""
         if kind not in self._graphs:
-            prefix, inputs = placement(kind)
             label = kind if isinstance(kind, str) else ""
             try:
-                self._graphs[kind] = self._inject(graph_of(self.model, kind), prefix=prefix, position_inputs=inputs)
+                self._graphs[kind] = self._inject(kind)
             except SiteNotFound as err:
                 where = f"the {label} graph" if label else "the scoring graph"
                 raise ValidationError([Diagnostic("error", f"cannot place the spec in {where}: {err}",
@@ -106,8 +110,7 @@ class InjectedModel(nn.Module):
             if self._compile_options is None:
                 self._runners["token"] = step
             else:
-                prefix, inputs = placement("step")
-                copy = self._inject(graph_of(self.model, "step"), prefix=prefix, position_inputs=inputs)
+                copy = self._inject("step")
                 self._runners["token"] = self._maybe_compiled(copy.graph_module, "token")
         return self._runners["token"]
 
@@ -212,7 +215,20 @@ class InjectedModel(nn.Module):
             rows.append((f"{step.span.line}:{step.span.column}", step.site.label, step.site.module_path,
                          sizes.describe(values.get(node), step.site.head_count), node, format_op(step.op)))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join(table + self._sources())
+
+    def _sources(self) -> list[str]:
+        """One line per live blade source: which of its blocks run in the graph."""
+        lines = []
+        for step, op in zip(self.plan, self.ops):
+            live = getattr(innermost(op), "live", None)
+            if live is not None:
+                site, blocks = live.site, live.metadata.get("num_layers", "?")
+                lines.append(f"{step.span.line}:{step.span.column} source {live.metadata.get('name', '')}: its "
+                             f"{site.label} ({site.module_path}), so blocks 0..{site.layer} of {blocks} run in this "
+                             f"graph, and not its later blocks or its head")
+        return lines
 
     def extra_repr(self) -> str:
         return f"model={type(self.model).__name__}, statements={len(self.plan.spec)}, sites={len(self.plan)}"

@@ -1,0 +1,118 @@
+"""Live blade sources fused into the target's injected graph: one graph runs both models.
+
+For each blade `from model …`, the source model's base graph of the same kind (scoring, unpadded or the
+generation step) is exported (and cached) like the target's. The nodes its site value depends on, and
+only those, are copied into the target's graph: the source's embeddings and its blocks up to layer K.
+Its later blocks and its LM head are never copied, so they do not run. The copies read the target's own
+inputs (the token ids, mask, positions, …). In the step graph the source also keeps its own KV cache:
+its buffers become extra graph inputs, after the target's, in the same tuple, so the decode loop
+allocates and passes them like the target's. The source's parameters are the source model's own tensors,
+shared, not copied.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from .._compat import with_more_inputs
+from ..ops import innermost
+from .locate import HiddenShape, locate
+from .rewrite import Splicer
+from .steps import STEP_ARGS, GraphKey, graph_of, placement
+
+SOURCE_PREFIX = "garage_source_"
+
+
+@dataclass(frozen=True)
+class SourceGraph:
+    """A live source's base graph of one kind, the node of its site value, and how many of its leading
+    inputs it shares with the target (the rest are its own cache buffers)."""
+
+    base: GraphModule
+    node: str
+    shared_inputs: int | None  # None: all of them
+
+
+def live_sources(modules: Sequence[nn.Module], kind: GraphKey) -> dict[int, SourceGraph]:
+    """The source graph of each op that is a live blade, by op index (none for other ops)."""
+    found: dict[int, SourceGraph] = {}
+    for i, module in enumerate(modules):
+        live = getattr(innermost(module), "live", None)
+        if live is None:
+            continue
+        base = graph_of(live.model, kind)
+        prefix, _ = placement(kind)
+        node, _ = locate(base.graph, live.site, HiddenShape.of(base.graph, live.width), prefix)
+        found[i] = SourceGraph(base, node.name, STEP_ARGS if kind == "step" else None)
+    return found
+
+
+def _needed(start: Node) -> set[Node]:
+    """The site value and every node it depends on."""
+    seen, todo = {start}, [start]
+    while todo:
+        for node in todo.pop().all_input_nodes:
+            if node not in seen:
+                seen.add(node)
+                todo.append(node)
+    return seen
+
+
+def _owner(root: nn.Module, target: str) -> object:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, Node], dict[str, object]]:
+    """Copy each source's needed nodes into `graph`, right after its inputs; the site value of each op
+    index in the target graph, and the source tensors the copies read (by their new attribute names)."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    by_name = {n.name: n for n in inputs}
+    values: dict[int, Node] = {}
+    owners: dict[str, object] = {}
+    own: list[Node] = []  # the sources' own inputs (cache buffers), added after the target's
+    anchor = inputs[-1]
+    for i, source in sources.items():
+        nodes = {n.name: n for n in source.base.graph.nodes}
+        needed = _needed(nodes[source.node])
+        placeholders = [n for n in source.base.graph.nodes if n.op == "placeholder"]
+        shared = len(placeholders) if source.shared_inputs is None else source.shared_inputs
+        copies: dict[Node, Node] = {}
+        for j, node in enumerate(placeholders):
+            if j < shared:
+                copies[node] = by_name[node.name]
+            elif node in needed:
+                with graph.inserting_after(own[-1] if own else inputs[-1]):
+                    copies[node] = graph.placeholder(f"source{i}_{node.name}")
+                copies[node].meta = dict(node.meta)
+                own.append(copies[node])
+        anchor = own[-1] if own else anchor
+        prefix = f"{SOURCE_PREFIX}{i}."
+        for node in source.base.graph.nodes:
+            if node not in needed or node.op in ("placeholder", "output"):
+                continue
+            with graph.inserting_after(anchor):
+                copy = graph.node_copy(node, lambda n: copies[n])
+            if node.op in ("get_attr", "call_module"):
+                copy.target = prefix + str(node.target)
+                owners[copy.target] = _owner(source.base, str(node.target))
+            copies[node] = anchor = copy
+        values[i] = copies[nodes[source.node]]
+    if own:
+        with_more_inputs(graph, len(own))
+    return values, owners
+
+
+def splicer(modules: Sequence[nn.Module], kind: GraphKey) -> Splicer | None:
+    """What `rewrite.inject` needs to fuse the live sources among `modules` into a graph of this kind."""
+    sources = live_sources(modules, kind)
+    return functools.partial(splice, sources=sources) if sources else None
+
+
+__all__ = ["SOURCE_PREFIX", "SourceGraph", "live_sources", "splice", "splicer"]
