@@ -21,8 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from .._compat import with_more_inputs
 from ..ops import innermost
-from .locate import HiddenShape, locate
-from .rewrite import Splicer
+from .rewrite import Splicer, attribute, site_location
 from .steps import STEP_ARGS, GraphKey, graph_of, placement
 
 SOURCE_PREFIX = "garage_source_"
@@ -46,9 +45,8 @@ def live_sources(modules: Sequence[nn.Module], kind: GraphKey) -> dict[int, Sour
         if live is None:
             continue
         base = graph_of(live.model, kind)
-        prefix, _ = placement(kind)
-        node, _ = locate(base.graph, live.site, HiddenShape.of(base.graph, live.width), prefix)
-        found[i] = SourceGraph(base, node.name, STEP_ARGS if kind == "step" else None)
+        node = site_location(base, live.site, live.width, placement(kind)[0]).node
+        found[i] = SourceGraph(base, node, STEP_ARGS if kind == "step" else None)
     return found
 
 
@@ -61,12 +59,6 @@ def _needed(start: Node) -> set[Node]:
                 seen.add(node)
                 todo.append(node)
     return seen
-
-
-def _owner(root: nn.Module, target: str) -> object:
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, Node], dict[str, object]]:
@@ -101,7 +93,7 @@ def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, 
                 copy = graph.node_copy(node, lambda n: copies[n])
             if node.op in ("get_attr", "call_module"):
                 copy.target = prefix + str(node.target)
-                owners[copy.target] = _owner(source.base, str(node.target))
+                owners[copy.target] = attribute(source.base, str(node.target))
             copies[node] = anchor = copy
         values[i] = copies[nodes[source.node]]
     if own:

@@ -63,7 +63,8 @@ class Rewritten(NamedTuple):
 POSITION_INPUTS = ("attention_mask", "prompt_length", "position_ids", "input_ids")
 
 
-def _attr(root: nn.Module, target: str) -> object:
+def attribute(root: nn.Module, target: str) -> object:
+    """The submodule, parameter or buffer at a dotted path."""
     for part in target.split("."):
         root = getattr(root, part)
     return root
@@ -75,7 +76,7 @@ def graph_module(base: GraphModule, graph: Graph, extra: dict[str, object]) -> G
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
-            owners[target] = extra[target] if target in extra else _attr(base, target)
+            owners[target] = extra[target] if target in extra else attribute(base, target)
     return graph_module_like(base, owners, graph)
 
 
@@ -136,4 +137,4 @@ def inject(
     return Rewritten(graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index))
 
 
-__all__ = ["POSITION_INPUTS", "Inserted", "Location", "Rewritten", "Splicer", "inject", "site_location"]
+__all__ = ["POSITION_INPUTS", "Inserted", "Location", "Rewritten", "Splicer", "attribute", "inject", "site_location"]
