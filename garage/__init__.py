@@ -9,7 +9,8 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
     check    graph checks and lints       (fake-tensor shapes, networkx, blade rules)
     runtime  InjectedModel and hooks      (scoring, generation, torch.compile, .pt2)
 
-`compiler` (compile, hook), `analyze`, `models` and `cli` sit on top; `core` and `inject` keep the seed
+`compiler` (compile, hook), `analyze`, `vectors`, `blades`, `training` and `cli` sit on top (`models`,
+models by name, below every stage); `core` and `inject` keep the seed
 library's import paths. Private torch and transformers APIs are used only in `_compat`.
 """
 
@@ -33,6 +34,7 @@ from .plan.archs import ARCHS, ArchRow, ModelInfo
 from .plan.resolve import ConcreteSite, Plan, Step, resolve
 from .runtime.artifact import load_artifact
 from .runtime.injected import InjectedModel
+from .training import History, train
 
 __all__ = [
     "ARCHS",
@@ -41,6 +43,7 @@ __all__ = [
     "Diagnostic",
     "GarageError",
     "GarageWarning",
+    "History",
     "InjectedModel",
     "ModelInfo",
     "Plan",
@@ -62,5 +65,6 @@ __all__ = [
     "parse",
     "register",
     "resolve",
+    "train",
     "vectors",
 ]

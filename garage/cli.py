@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from .models import (
     load_model_and_tokenizer,
 )
 from .runtime.injected import InjectedModel
+from .training import Record, train
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -74,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--seed", type=int, default=0, help="seed for built-in models and sampling (default: 0)")
     run.add_argument("--compile", action="store_true", help="torch.compile the injected graphs (slow to start)")
+    run.add_argument("--params", type=Path, metavar="FILE", help="learned parameters for the spec (garage train)")
+    train = sub.add_parser("train", help="learn the spec's gates, projections and `add learn` vectors from text")
+    _add_spec(train)
+    train.add_argument("--data", required=True, type=Path, metavar="FILE",
+                       help=".txt (one text a line) or .jsonl ({\"text\": …} or {\"prompt\": …, \"completion\": …} a line)")
+    train.add_argument("--eval", type=Path, metavar="FILE", help="held-out examples, in the same forms")
+    train.add_argument("--steps", type=_count, default=100, metavar="N", help="optimizer steps (default: 100)")
+    train.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: 0.01)")
+    train.add_argument("--batch-size", type=_count, default=8, metavar="N", help="examples a step (default: 8)")
+    train.add_argument("--max-length", type=_count, default=128, metavar="N", help="tokens an example (default: 128)")
+    train.add_argument("--seed", type=int, default=0, help="seed for built-in models and batches (default: 0)")
+    train.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file of learned parameters")
     vector = sub.add_parser("vector", help="make a steering vector from contrasting prompts (safetensors)")
     _add_model(vector)
     vector.add_argument("--site", default="h.10", help="the one site to read, e.g. h.10 or N-4 (default: h.10)")
@@ -213,7 +227,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(name, seed=args.seed)
     prompt = _chat_prompt(tokenizer, args.prompt, name) if args.chat else args.prompt
     with _step("checking and compiling the spec"):
-        injected = _compile(model, args.spec, compile=args.compile)
+        injected = _compile(model, args.spec, compile=args.compile, params=args.params)
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
     # A chat template already holds the special tokens a model wants; plain text gets the tokenizer's own.
@@ -241,6 +255,58 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.routing:
         print("== how each router sends the prompt's tokens to experts (without → with the spec; * chosen)")
         print(routing_table(routing(model, injected.plan.spec, dict(inputs))))
+    return EXIT_OK
+
+
+def _examples(path: Path) -> list[Any]:
+    """Training examples from a .txt file (one text a line) or a .jsonl file (one JSON object a line)."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"{path}: training data is a .txt or .jsonl file")
+    out: list[Any] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            out.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}:{err.colno}: not JSON ({err.msg}); write one object a line") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{number}: expected an object such as {{\"text\": …}}, not {type(item).__name__}")
+        out.append(item)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    data = _examples(args.data)
+    held_out = _examples(args.eval) if args.eval else None
+    name = _model_name(args)
+    with _step(f"loading {name}"):
+        model, tokenizer = load_model_and_tokenizer(name, seed=args.seed)
+    with _step("checking and compiling the spec"):
+        injected = _compile(model, args.spec)
+    for warning in injected.warnings:
+        print(warning.render(), file=sys.stderr)
+
+    def progress(record: Record) -> None:
+        held = f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else ""
+        end = "\n" if record.step == args.steps else ""
+        print(f"\rstep {record.step}/{args.steps}  loss {record.loss:.4f}{held}", end=end, file=sys.stderr, flush=True)
+
+    history = train(injected, data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                    max_length=args.max_length, eval_data=held_out, seed=args.seed, tokenizer=tokenizer,
+                    on_step=progress)
+    path = injected.save_params(args.output)
+    done = len(history.records)
+    if history.interrupted:
+        print(f"\ninterrupted after {done} of {args.steps} steps", file=sys.stderr)
+    last = history.records[-1] if history.records else None
+    summary = f"loss {history.losses[0]:.4f} → {last.loss:.4f}" if last else "no step ran"
+    tensors = list(injected.parameters())
+    print(f"{path}: {sum(p.numel() for p in tensors)} learned values in {len(tensors)} tensors after {done} steps, "
+          f"{summary}")
     return EXIT_OK
 
 
@@ -308,8 +374,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "vector": _cmd_vector, "blade": _cmd_blade,
-            "fmt": _cmd_fmt, "cache": _cmd_cache}
+COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "train": _cmd_train, "vector": _cmd_vector,
+            "blade": _cmd_blade, "fmt": _cmd_fmt, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ hands the injected graph they built to the InjectedModel, so it is not built twi
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ from .ops import innermost
 from .plan.prepare import Prepared, SpecLike, prepare
 from .runtime.hooks import HookSet, attach
 from .runtime.injected import InjectedModel
+from .runtime.params import load as load_params
 
 
 def compile(
@@ -25,19 +27,26 @@ def compile(
     spec: SpecLike,
     bind: Mapping[str, object] | None = None,
     compile: bool | dict[str, Any] = False,
+    params: str | os.PathLike[str] | None = None,
 ) -> InjectedModel:
     """The model with the spec compiled in, as an fx graph rewrite. The model itself is never changed.
 
     The spec is checked first (see `garage.check`): errors raise, warnings are kept on `.warnings`.
     `compile=True` (or a dict of torch.compile options) runs the injected graphs under torch.compile.
+    `params` is a file of learned parameters (`inj.save_params`, `garage train`) for this spec.
     """
     prepared = prepare(model, spec, bind)
     validated = validate(model, prepared)
     modules = prepared.raise_if_errors(validated.cause)
     for warning in validated.report.warnings:
         warnings.warn(warning.render(), GarageWarning, stacklevel=2)
-    return InjectedModel(model, prepared.plan, modules, prepared.captures, compile=compile,
-                         warnings=validated.report.warnings, graphs=validated.graphs)
+    injected = InjectedModel(model, prepared.plan, modules, prepared.captures, compile=compile,
+                             warnings=validated.report.warnings, graphs=validated.graphs)
+    if params is not None:
+        problems = load_params(prepared.plan, modules, params)
+        if problems:
+            raise ValidationError(problems)
+    return injected
 
 
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:

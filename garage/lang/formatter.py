@@ -132,6 +132,12 @@ def format_op(op: ast.Op) -> str:
     words = [op.keyword]
     if isinstance(op, ast.Scale):
         words.append(format_number(op.factor))
+    elif isinstance(op, ast.Learn):
+        words.append("learn")
+        if op.init is not None:
+            words += ["from", format_value(op.init)]
+        if op.factor is not None:
+            words += ["*", format_number(op.factor)]
     elif isinstance(op, (ast.Add, ast.Ablate)):
         words.append(format_value(op.value))
         if isinstance(op, ast.Add) and op.factor is not None:

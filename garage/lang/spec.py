@@ -183,6 +183,16 @@ class Add:
 
 
 @dataclass(frozen=True)
+class Learn:
+    """`add learn [from VALUE] [* F]`: a trainable vector v (a parameter), starting at zero or at VALUE."""
+
+    keyword: ClassVar[str] = "add"
+    init: Value | None = None
+    factor: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Ablate:
     keyword: ClassVar[str] = "ablate"
     value: Value
@@ -282,7 +292,7 @@ class Capture:
     span: Span = _span()
 
 
-Op = Union[Scale, Add, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Capture]
+Op = Union[Scale, Add, Learn, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Capture]
 OP_KEYWORDS = ("scale", "add", "ablate", "zero", "clamp", "noise", "module", "blade", "debate", "bias", "mask", "force",
                "capture")
 

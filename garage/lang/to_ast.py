@@ -249,6 +249,11 @@ class ToAst(Transformer_NonRecursive):
     def add(self, meta: Meta, children: list[Any]) -> ast.Add:
         return ast.Add(children[0], children[1] if len(children) > 1 else None, self._span(meta))
 
+    def add_learn(self, meta: Meta, children: list[Any]) -> ast.Learn:
+        init = next((c for c in children if isinstance(c, (ast.FileValue, ast.BoundValue))), None)
+        factor = next((c for c in children if isinstance(c, float)), None)
+        return ast.Learn(init, factor, self._span(meta))
+
     def ablate(self, meta: Meta, children: list[Any]) -> ast.Ablate:
         return ast.Ablate(children[0], self._span(meta))
 

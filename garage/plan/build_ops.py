@@ -173,6 +173,8 @@ def _ablate(op: ast.Ablate, ctx: BuildContext) -> nn.Module:
 _BUILDERS: dict[type, Callable[[Any, BuildContext], nn.Module]] = {
     ast.Scale: lambda op, ctx: ops.Scale(op.factor),
     ast.Add: lambda op, ctx: ops.Add(*vector(op.value, ctx), factor=1.0 if op.factor is None else op.factor),
+    ast.Learn: lambda op, ctx: ops.Add(*(vector(op.init, ctx) if op.init is not None else (torch.zeros(ctx.hidden), {})),
+                                       factor=1.0 if op.factor is None else op.factor, learn=True),
     ast.Ablate: lambda op, ctx: _ablate(op, ctx),
     ast.Zero: lambda op, ctx: ops.Zero(),
     ast.Clamp: lambda op, ctx: ops.Clamp(op.low, op.high),

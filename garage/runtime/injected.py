@@ -36,7 +36,7 @@ from ..lang.diagnostics import Diagnostic, ValidationError
 from ..lang.formatter import format_op
 from ..ops import innermost
 from ..plan.resolve import Plan
-from . import artifact
+from . import artifact, params
 from .compiled import compiled
 from .decode import Sampling, decode_loop
 
@@ -195,6 +195,12 @@ class InjectedModel(nn.Module):
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write a torch.export `.pt2` program (logits out) with the injections and their parameters inside."""
         return artifact.save(self._program(), path)
+
+    def save_params(self, path: str | os.PathLike[str]) -> str:
+        """Write every injected parameter (gates, projections, `add learn` vectors) as safetensors, keyed by
+        statement (`LINE:COL/SITE/OP/NAME`), with the spec and model type; `garage.compile(..., params=path)`
+        reads it back."""
+        return params.save(self.plan, list(self.ops), path)
 
     def package(self, path: str | os.PathLike[str]) -> str:
         """Write an AOTInductor-compiled package of the same program (needs a C++ compiler)."""
