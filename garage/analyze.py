@@ -9,7 +9,7 @@ cosine similarity and L2 distance between the two residual streams, over real (u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,9 +17,10 @@ from torch import nn
 from . import ops
 from .compiler import SpecLike, hook
 from .lang.spec import Bias, Force
-from .plan.archs import ModelInfo
+from .plan.archs import ModelInfo, text_config
 from .plan.build_ops import at_site
 from .plan.prepare import sites_named
+from .plan.resolve import ConcreteSite
 from .runtime.hooks import HookSet, attach
 
 Inputs = Union[Mapping[str, torch.Tensor], torch.Tensor]  # tokenizer output, or input_ids alone
@@ -30,15 +31,21 @@ def _inputs(inputs: Inputs) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, sites: str | Sequence[str], inputs: Inputs, spec: SpecLike = "",
-            bind: Mapping[str, object] | None = None) -> dict[str, torch.Tensor]:
-    """Hidden states at each site ("h.*", "h.6.mlp", "final", "h.3.attn.heads{0, 5}", …), keyed by canonical
-    site label, as `capture` records them (the chosen heads; zeros outside the chosen positions).
+def capture(model: nn.Module, sites: str | int | Sequence[str | int] | None = None, inputs: Inputs | None = None,
+            spec: SpecLike = "", bind: Mapping[str, object] | None = None, *,
+            layers: Sequence[str | int] | None = None) -> Any:
+    """Hidden states at each site ("h.*", "h.6.mlp", "final", "h.3.attn.heads{0, 5}", a block index, …),
+    keyed by canonical site label, as `capture` records them (the chosen heads; zeros outside the chosen
+    positions). With `spec`, its ops apply first (captures at a site come after the spec's ops there).
 
-    With `spec`, its ops apply first (captures at a site come after the spec's ops there).
-    """
-    info = ModelInfo.from_model(model)
-    targets = [site for text in ([sites] if isinstance(sites, str) else sites) for site in sites_named(info, text)]
+    Without inputs it is the seed's capture object: `with capture(model, layers=[0, 6, 11]) as snap:
+    model(ids)`, then `snap[6]`, `snap.stats()` and `snap.table()` (see Snapshot)."""
+    wanted = layers if layers is not None else sites
+    if wanted is None:
+        raise ValueError("name the sites or layers to capture, e.g. capture(model, layers=[0, 6, 11])")
+    if inputs is None:
+        return Snapshot(model, wanted)
+    targets = _sites(model, wanted)
     store: dict[str, torch.Tensor] = {}
     recorders = [at_site(ops.Capture(store, site.label), site) for site in targets]
     spec_hooks = hook(model, spec, bind)[0] if spec != "" else HookSet(model)
@@ -47,6 +54,61 @@ def capture(model: nn.Module, sites: str | Sequence[str], inputs: Inputs, spec: 
     return {site.label: store[site.label] for site in targets}
 
 
+def _sites(model: nn.Module, wanted: str | int | Sequence[str | int]) -> list[ConcreteSite]:
+    info = ModelInfo.from_model(model)
+    texts = [wanted] if isinstance(wanted, (str, int)) else list(wanted)
+    return [site for text in texts for site in sites_named(info, f"h.{text}" if isinstance(text, int) else text)]
+
+
+class Snapshot:
+    """The seed's capture object: while its `with` block runs, every forward pass records the sites'
+    hidden states (the last pass's are kept after the block ends). Index it by block index or label."""
+
+    def __init__(self, model: nn.Module, wanted: str | int | Sequence[str | int]) -> None:
+        self.model = model
+        self.sites = _sites(model, wanted)
+        self.states: dict[str, torch.Tensor] = {}
+        self._hooks: HookSet | None = None
+
+    def __enter__(self) -> "Snapshot":
+        recorders = [at_site(ops.Capture(self.states, site.label), site) for site in self.sites]
+        self._hooks = attach(self.model, self.sites, recorders)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def __getitem__(self, key: str | int) -> torch.Tensor:
+        label = f"h.{key}" if isinstance(key, int) else key
+        if label not in self.states:
+            raise KeyError(f"{key!r} was not captured (captured: {', '.join(self.states) or 'nothing yet'})")
+        return self.states[label]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """`layer_stats` of each captured site: mean, std, min, max, sparsity, entropy."""
+        return {label: layer_stats(h) for label, h in self.states.items()}
+
+    def table(self) -> str:
+        """The stats as an aligned text table, one row a site."""
+        return stats_table(self.stats())
+
+
+def stats_table(stats: Mapping[str, Mapping[str, float]]) -> str:
+    """Per-site statistics, one row a site: mean, std, sparsity and entropy."""
+    rows = [("site", "mean", "std", "sparsity", "entropy")]
+    rows += [(label, f"{s['mean']:+.4f}", f"{s['std']:.4f}", f"{s['sparsity']:.3f}", f"{s['entropy']:.3f}")
+             for label, s in stats.items()]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+@torch.no_grad()
 def layer_stats(h: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
     """mean, std, min, max, sparsity (share of |x| < 1e-6) and entropy (nats, of softmax over hidden, per token)."""
     x = h.float()
@@ -200,3 +262,55 @@ def routing_table(layers: Sequence[LayerRouting]) -> str:
             ratio = f" ({after / before:.2f}×)" if before > 0 else ""
             rows.append(f"{'':12} {'chosen':>7} {'':15} {before:6.3f} → {after:5.3f}{ratio}")
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """Two models side by side: facts (what, A, B), and verdicts (what can pass between them, and why)."""
+
+    facts: list[tuple[str, str, str]]
+    verdicts: list[tuple[str, str]]
+
+    def table(self, names: tuple[str, str]) -> str:
+        rows = [("", *names), *self.facts]
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join(lines + [f"{what}: {verdict}" for what, verdict in self.verdicts])
+
+
+def compare_models(a: nn.Module, b: nn.Module) -> ModelComparison:
+    """Two models side by side, and whether blade files, live sources and blocks can pass between them."""
+    from .models import tokenizer_of, vocab_hash
+
+    infos = [ModelInfo.from_model(m) for m in (a, b)]
+    configs = [text_config(m) for m in (a, b)]
+
+    def both(read: Any) -> tuple[str, str]:
+        first, second = (read(i, c) for i, c in zip(infos, configs))
+        return str(first), str(second)
+
+    tokenizers = [tokenizer_of(m) for m in (a, b)]
+    hashes = [vocab_hash(t) if t is not None else "unknown" for t in tokenizers]
+    rows = [
+        ("model type", *both(lambda i, c: i.model_type)),
+        ("blocks", *both(lambda i, c: i.num_layers)),
+        ("hidden size", *both(lambda i, c: i.hidden_size)),
+        ("attention heads", *both(lambda i, c: i.heads or "?")),
+        ("KV heads", *both(lambda i, c: getattr(c, "num_key_value_heads", None) or i.heads or "?")),
+        ("FFN width", *both(lambda i, c: i.ffn_width or "?")),
+        ("experts", *both(lambda i, c: i.experts or "-")),
+        ("vocabulary", *both(lambda i, c: getattr(c, "vocab_size", "?"))),
+        ("tokenizer vocab hash", hashes[0], hashes[1]),
+    ]
+    same_hidden = infos[0].hidden_size == infos[1].hidden_size
+    same_tokens = rows[7][1] == rows[7][2] and "unknown" not in hashes and hashes[0] == hashes[1]
+    blade = "yes" if same_hidden else (f"only with `project linear` (hidden {infos[0].hidden_size} vs "
+                                       f"{infos[1].hidden_size}: the Same-Dimension rule)")
+    live = "yes" if same_tokens else ("no: their vocabularies differ" if "unknown" not in hashes
+                                      else "unknown: a tokenizer is not known")
+    shape = [(i.model_type, i.hidden_size, i.heads, i.ffn_width) for i in infos]
+    blocks = "yes" if shape[0] == shape[1] else "no: " + ", ".join(
+        name for name, x, y in zip(("type", "hidden", "heads", "FFN width"), *shape) if x != y) + " differ"
+    verdicts = [("blade files pass (same hidden size)", blade), ("live source (same tokenizer)", live),
+                ("blocks swappable", blocks)]
+    return ModelComparison(rows, verdicts)

@@ -20,7 +20,14 @@ from transformers import GenerationMixin
 
 from . import _cache, blades, vectors
 from ._version import __version__
-from .analyze import compare, effect_table, routing, routing_table
+from .analyze import (
+    capture,
+    compare,
+    compare_models,
+    effect_table,
+    routing,
+    routing_table,
+)
 from .check.validate import check
 from .compiler import compile as compile_spec
 from .lang.diagnostics import GarageError, GarageWarning
@@ -61,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--debug", action="store_true",
                      help="on an error, also print the underlying traceback (as GARAGE_DEBUG=1 does)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_spec(sub.add_parser("check", help="report every problem in a spec against a model (exit 1 if any error)"))
-    _add_spec(sub.add_parser("explain", help="show where each statement lands in the model"))
+    check_cmd = sub.add_parser("check", help="report every problem in a spec against a model (exit 1 if any error)")
+    _add_spec(check_cmd)
+    explain = sub.add_parser("explain", help="show where each statement lands in the model")
+    _add_spec(explain)
     run = sub.add_parser("run", help="generate text with the spec compiled into the model")
     _add_spec(run)
     run.add_argument("--prompt", default="I think my neighbour is", help="text to continue (default: %(default)r)")
@@ -88,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=_count, default=128, metavar="N", help="tokens an example (default: 128)")
     train.add_argument("--seed", type=int, default=0, help="seed for built-in models and batches (default: 0)")
     train.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file of learned parameters")
+    analyze = sub.add_parser("analyze", help="per-layer statistics of a model's hidden states on a prompt")
+    _add_model(analyze)
+    analyze.add_argument("--prompt", default="I think my neighbour is", help="text to run (default: %(default)r)")
+    analyze.add_argument("--layers", help="comma-separated blocks or sites, e.g. 0,6,11 or h.6.mlp (default: every block)")
+    compare = sub.add_parser("compare", help="two models side by side, and whether blades and blocks can pass between them")
+    compare.add_argument("model_a", help=MODEL_HELP)
+    compare.add_argument("model_b", help="the other model, named the same ways")
+    for command in (check_cmd, explain, analyze, compare):
+        command.add_argument("--json", action="store_true", help="print JSON (for scripts and editors) instead of text")
     vector = sub.add_parser("vector", help="make a steering vector from contrasting prompts (safetensors)")
     _add_model(vector)
     vector.add_argument("--site", default="h.10", help="the one site to read, e.g. h.10 or N-4 (default: h.10)")
@@ -199,14 +217,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
     model = _model(args)
     with _step("checking (tracing the model the first time)"):
         report = check(model, Path(args.spec))
-    print(report)
+    print(_diagnostics_json(report.diagnostics) if args.json else report)
     return EXIT_ERRORS if report.errors else EXIT_OK
+
+
+def _diagnostics_json(diagnostics: Sequence[Any]) -> str:
+    """{"ok": …, "diagnostics": [{file, line, column, end_line, end_column, severity, message, hint, rule}]}."""
+    return json.dumps({"ok": not any(d.is_error for d in diagnostics),
+                       "diagnostics": [d.as_dict() for d in diagnostics]}, indent=2)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     model = _model(args)
     with _step("compiling"):
         injected = _compile(model, args.spec)
+    if args.json:
+        print(json.dumps({"rows": injected.explain_rows(), "warnings": [w.as_dict() for w in injected.warnings]},
+                         indent=2))
+        return EXIT_OK
     print(injected.explain())
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
@@ -290,10 +318,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for warning in injected.warnings:
         print(warning.render(), file=sys.stderr)
 
+    held = {"eval": ""}
+
     def progress(record: Record) -> None:
-        held = f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else ""
+        if record.eval_loss is not None:
+            held["eval"] = f"  eval {record.eval_loss:.4f}"
+        done = round(24 * record.step / args.steps)
+        bar = "[" + "#" * done + "." * (24 - done) + "]"
         end = "\n" if record.step == args.steps else ""
-        print(f"\rstep {record.step}/{args.steps}  loss {record.loss:.4f}{held}", end=end, file=sys.stderr, flush=True)
+        print(f"\r{bar} step {record.step}/{args.steps}  loss {record.loss:.4f}{held['eval']}", end=end,
+              file=sys.stderr, flush=True)
 
     history = train(injected, data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                     max_length=args.max_length, eval_data=held_out, seed=args.seed, tokenizer=tokenizer,
@@ -307,6 +341,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tensors = list(injected.parameters())
     print(f"{path}: {sum(p.numel() for p in tensors)} learned values in {len(tensors)} tensors after {done} steps, "
           f"{summary}")
+    return EXIT_OK
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    name = _model_name(args)
+    with _step(f"loading {name}"):
+        model, tokenizer = load_model_and_tokenizer(name)
+    wanted: list[str | int] = ["h.*"] if not args.layers else [
+        int(part) if part.strip().lstrip("-").isdigit() else part.strip() for part in args.layers.split(",")]
+    inputs = tokenizer([args.prompt], return_tensors="pt")
+    with capture(model, layers=wanted) as snap, torch.no_grad():
+        model(**inputs)
+    tokens = inputs["input_ids"].shape[1]
+    if args.json:
+        print(json.dumps({"model": name, "prompt": args.prompt, "tokens": tokens, "stats": snap.stats()}, indent=2))
+        return EXIT_OK
+    print(f"== {name} on {args.prompt!r} ({tokens} tokens)")
+    print(snap.table())
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    loaded = []
+    for name in (args.model_a, args.model_b):
+        with _step(f"loading {name}"):
+            loaded.append(load_model_and_tokenizer(name)[0])
+    comparison = compare_models(*loaded)
+    if args.json:
+        facts = {what: {args.model_a: a, args.model_b: b} for what, a, b in comparison.facts}
+        print(json.dumps({"models": [args.model_a, args.model_b], "facts": facts,
+                          "verdicts": dict(comparison.verdicts)}, indent=2))
+        return EXIT_OK
+    print(comparison.table((args.model_a, args.model_b)))
     return EXIT_OK
 
 
@@ -375,7 +442,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "explain": _cmd_explain, "run": _cmd_run, "train": _cmd_train, "vector": _cmd_vector,
-            "blade": _cmd_blade, "fmt": _cmd_fmt, "cache": _cmd_cache}
+            "blade": _cmd_blade, "analyze": _cmd_analyze, "compare": _cmd_compare, "fmt": _cmd_fmt, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -389,7 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GarageError as err:
         if debug and err.__cause__ is not None:
             traceback.print_exception(err.__cause__, file=sys.stderr)
-        print(err, file=sys.stderr)
+        if getattr(args, "json", False):  # a script or an editor reads stdout: the diagnostics go there
+            print(_diagnostics_json(err.diagnostics))
+        else:
+            print(err, file=sys.stderr)
         return EXIT_ERRORS
     except (OSError, ValueError) as err:
         if debug:

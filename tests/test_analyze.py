@@ -79,3 +79,35 @@ def test_the_ffn_hidden_layer_can_be_captured_and_compared(gpt2):
     assert [e.site for e in effects] == [f"h.{i}.mlp.hidden" for i in range(12)]
     assert [e.cosine == pytest.approx(1.0) for e in effects[:3]] == [True] * 3 and effects[3].l2 > 0
     assert "h.11.mlp.hidden" in analyze.effect_table(effects).splitlines()[-1]
+
+
+def test_the_seeds_capture_object(gpt2):
+    """`with capture(model, layers=[0, 6, 11]) as snap: model(ids)`, checked against output_hidden_states."""
+    model, inputs = gpt2
+    with analyze.capture(model, layers=[0, 6, 11]) as snap:
+        model(**inputs)
+    expected = model(**inputs, output_hidden_states=True).hidden_states
+    assert len(snap) == 3 and torch.equal(snap[6], expected[7]) and torch.equal(snap["h.0"], expected[1])
+    stats = snap.stats()
+    h = expected[7].float()
+    assert stats["h.6"]["mean"] == pytest.approx(h.mean().item(), rel=1e-5)
+    assert stats["h.6"]["std"] == pytest.approx(h.std().item(), rel=1e-5)
+    table = snap.table().splitlines()
+    assert table[0].split() == ["site", "mean", "std", "sparsity", "entropy"] and len(table) == 4
+    model(**inputs)  # after the block: nothing is recorded any more
+    assert torch.equal(snap[6], expected[7])
+    with pytest.raises(KeyError, match="'h.5' was not captured"):
+        snap["h.5"]
+
+
+def test_compare_models_says_what_can_pass():
+    gpt2, llama = load("tiny:gpt2")[0], load("tiny:llama")[0]
+    wide = load("tiny:llama")[0]
+    comparison = analyze.compare_models(gpt2, llama)
+    facts = {what: (a, b) for what, a, b in comparison.facts}
+    assert facts["blocks"] == ("12", "8") and facts["hidden size"] == ("128", "128")
+    assert facts["tokenizer vocab hash"][0] == facts["tokenizer vocab hash"][1]
+    verdicts = dict(comparison.verdicts)
+    assert verdicts["blade files pass (same hidden size)"] == "yes" and verdicts["live source (same tokenizer)"] == "yes"
+    assert verdicts["blocks swappable"] == "no: type, FFN width differ"
+    assert dict(analyze.compare_models(llama, wide).verdicts)["blocks swappable"] == "yes"

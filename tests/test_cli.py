@@ -136,3 +136,57 @@ def test_run_shows_routing_on_an_moe_model(capsys, tmp_path):
     assert len(chosen) == 2 and chosen[1][3] == "1.000", chosen  # force 3: expert 3 takes every live slot
     experts = [line.split() for line in table if line.split()[:1] != ["chosen"]]
     assert len(experts) == 4 * 8 and experts[8][:2] == ["h.1.router", "0"], experts[8]
+
+
+def test_python_dash_m_garage_is_the_garage_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "garage", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("garage ")
+
+
+def test_analyze_prints_per_layer_stats(capsys):
+    code, out, _ = run(capsys, "analyze", "--model", "tiny:gpt2", "--prompt", "hello", "--layers", "0,6,h.6.mlp")
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "== tiny:gpt2 on 'hello' (5 tokens)"
+    assert lines[1].split() == ["site", "mean", "std", "sparsity", "entropy"]
+    assert [line.split()[0] for line in lines[2:]] == ["h.0", "h.6.mlp", "h.6"]
+    code, _, err = run(capsys, "analyze", "--model", "tiny:gpt2", "--layers", "40")
+    assert code == 1 and "layer 40 is out of range" in err
+
+
+def test_compare_two_models(capsys):
+    code, out, _ = run(capsys, "compare", "tiny:gpt2", "tiny:mixtral")
+    assert code == 0 and "experts               -                 8" in out
+    assert "blade files pass (same hidden size): yes" in out and "blocks swappable: no:" in out
+    code, _, err = run(capsys, "compare", "tiny:gpt2", "tiny:nope")
+    assert code == 2 and "no built-in model 'tiny:nope'" in err
+
+
+def test_json_output_for_scripts_and_editors(capsys, tmp_path):
+    import json
+
+    bad = tmp_path / "bad.garage"
+    bad.write_text("at h.2 scale 0.5\nat h.40 zero\n")
+    code, out, _ = run(capsys, "check", str(bad), "--model", "tiny:gpt2", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False
+    (d,) = report["diagnostics"]
+    assert (d["file"], d["line"], d["column"], d["end_line"], d["severity"]) == (str(bad), 2, 6, 2, "error")
+    assert d["end_column"] > d["column"] and "layer 40 is out of range" in d["message"] and d["hint"]
+    code, out, _ = run(capsys, "explain", str(bad), "--model", "tiny:gpt2", "--json")
+    assert code == 1 and json.loads(out)["diagnostics"][0]["line"] == 2  # errors reach stdout as JSON too
+    good = tmp_path / "good.garage"
+    good.write_text("at h.2 scale 0.5\n")
+    code, out, _ = run(capsys, "check", str(good), "--model", "tiny:gpt2", "--json")
+    assert code == 0 and json.loads(out) == {"ok": True, "diagnostics": []}
+    code, out, _ = run(capsys, "explain", str(good), "--model", "tiny:gpt2", "--json")
+    (row,) = json.loads(out)["rows"]
+    assert code == 0 and row == {"line": 1, "column": 1, "site": "h.2", "module_path": "transformer.h.2",
+                                 "shape": "[batch, seq, 128]", "node": "garage_op_0", "op": "scale 0.5"}
+    code, out, _ = run(capsys, "analyze", "--model", "tiny:gpt2", "--prompt", "hi", "--layers", "0,6", "--json")
+    analysis = json.loads(out)
+    assert code == 0 and analysis["tokens"] == 2 and set(analysis["stats"]) == {"h.0", "h.6"}
+    assert set(analysis["stats"]["h.6"]) == {"mean", "std", "min", "max", "sparsity", "entropy"}
+    code, out, _ = run(capsys, "compare", "tiny:gpt2", "tiny:llama", "--json")
+    comparison = json.loads(out)
+    assert code == 0 and comparison["facts"]["blocks"] == {"tiny:gpt2": "12", "tiny:llama": "8"}
+    assert comparison["verdicts"]["blade files pass (same hidden size)"] == "yes"

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+import garage
 from garage.core.loader import quick_load
 from garage.inject.debate import SelfDebate
-from garage.inject.layer import LayerInjector
+from garage.inject.layer import LayerInjector, quick_inject
 from garage.models import load_model_and_tokenizer as load
 
 
@@ -203,16 +204,67 @@ def test_custom_modules_follow_mode_device_and_dtype():
         model.eval()
 
 
-def test_noise_is_off_in_eval_mode_unlike_the_seed():
+def test_noise_is_on_always_as_in_the_seed_unless_limited_to_training():
     model, tokenizer = load("tiny:gpt2")
     ids = tokenizer("hello", return_tensors="pt").input_ids
     plain = model(ids).logits
     with LayerInjector(model) as injector:
-        injector.inject_noise("h.2", std=1.0)
+        injector.inject_noise("h.2", noise_scale=1.0, always=False)
         assert torch.equal(model(ids).logits, plain)
-        injector.inject_noise("h.2", std=1.0, always=True)
+        injector.inject_noise("h.2", 1.0)  # the seed's default: always, noise_scale 0.01
         assert not torch.equal(model(ids).logits, plain)
         assert injector.to_spec() == "at h.2 noise 1.0\nat h.2 noise 1.0 always\n"
+
+
+def test_the_seeds_signatures_defaults_and_plain_callables(recwarn):
+    """inject takes a lambda, inject_additive a float, inject_scaling defaults to 0.9, list_injections
+    gives names, quick_inject is one call; the reference hooks below carry their own formulas and paths."""
+    model, tokenizer = load("tiny:gpt2")
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+
+    def expected(formula, path):
+        handle = dict(model.named_modules())[path].register_forward_hook(
+            lambda _m, _a, o: (formula(o[0]), *o[1:]) if isinstance(o, tuple) else formula(o))
+        try:
+            return model(ids).logits
+        finally:
+            handle.remove()
+
+    torch.manual_seed(5)
+    with LayerInjector(model) as injector:
+        injector.inject_noise("transformer.h.3", noise_scale=0.5)  # always on, from torch's generator
+        torch.manual_seed(5)
+        noisy = model(ids).logits
+    torch.manual_seed(5)
+    assert torch.equal(noisy, expected(lambda h: h + 0.5 * torch.randn_like(h), "transformer.h.3"))
+    with LayerInjector(model) as injector:
+        injector.inject_identity("transformer.h.3")
+        kept = injector.inject_scaling("transformer.h.3", 2.0)
+        injector.remove(kept)
+        assert torch.equal(model(ids).logits, expected(lambda h: h, "transformer.h.3"))
+    cases = [
+        (lambda inj: inj.inject("transformer.h.3", lambda h: h * 0.5 + 1.0), lambda h: h * 0.5 + 1.0),
+        (lambda inj: inj.inject_additive("transformer.h.3", 0.25), lambda h: h + 0.25),
+        (lambda inj: inj.inject_scaling("transformer.h.3"), lambda h: h * 0.9),
+    ]
+    for make, formula in cases:
+        with LayerInjector(model) as injector:
+            make(injector)
+            got = model(ids).logits
+        assert torch.allclose(got, expected(formula, "transformer.h.3"), atol=1e-5)
+    with LayerInjector(model) as injector:
+        first = injector.inject("h.3", torch.tanh)
+        second = injector.inject_scaling("h.4", name="damp")
+        assert injector.list_injections() == [first, "damp"] and second == "damp"
+        assert injector.to_spec() == "at h.4 scale 0.9\n"
+    (warning,) = [w for w in recwarn if issubclass(w.category, garage.GarageWarning)]
+    assert f"injection {first!r} (tanh) is a plain callable: it has no .garage form" in str(warning.message)
+    with quick_inject(model, 3, lambda h: h * 0.5 + 1.0) as injector:
+        got = model(ids).logits
+        assert len(injector.list_injections()) == 1
+    assert torch.allclose(got, expected(lambda h: h * 0.5 + 1.0, "transformer.h.3"), atol=1e-5)
+    with pytest.raises(TypeError, match="an nn.Module or a callable"):
+        LayerInjector(model).inject("h.3", 0.5)
 
 
 def test_to_spec_and_compile_cover_every_method():
@@ -225,7 +277,7 @@ def test_to_spec_and_compile_cover_every_method():
         injector.inject_scaling("transformer.h.2", 1.5)
         injector.inject_additive("h.3.mlp", vector, scale=0.5, name="steer")
         injector.inject("N-4", adapter, name="adapter")
-        injector.inject_noise("h.5", 0.3)
+        injector.inject_noise("h.5", 0.3, always=False)
         hooked = model(ids).logits
         assert injector.to_spec() == (
             "at h.1 module identity\nat h.2 scale 1.5\nat h.3.mlp add steer * 0.5\nat h.8 module adapter\n"
@@ -247,16 +299,61 @@ def test_bad_layers_are_clear_errors():
 
 
 # ------------------------------------------------------------------ SelfDebate
-def test_self_debate_uses_the_architecture_table_and_is_deterministic_in_eval():
+def test_self_debate_uses_the_architecture_table_and_projection_is_deterministic():
     model, tokenizer = load("tiny:llama")
     ids = tokenizer("hello there", return_tensors="pt").input_ids
     plain = model(ids).logits
-    debate = SelfDebate(model, reconciliation_method="gated")
+    debate = SelfDebate(model, reconciliation_method="gated", divergence_method="projection")
     assert debate.layer_idx == 4 and debate.site.module_path == "model.layers.4"  # N-4 on 8 layers
     with debate:
         a, b = model(ids).logits, model(ids).logits
     assert torch.equal(a, b) and not torch.equal(a, plain)
     assert torch.equal(model(ids).logits, plain) and state(model)[1] == 0
+
+
+def test_the_guides_example_changes_the_output_in_eval_by_seeded_dropout_views():
+    """The seed's example (dropout views, gated) did nothing under eval. Here the two views are dropout
+    masks drawn from the debate's own generator: the reference below draws them from its own generator
+    with the same seed, and reconciles them as an untrained gate does (σ(0) = ½ each)."""
+    model, tokenizer = load("tiny:gpt2")
+    ids = tokenizer("The meaning of life is", return_tensors="pt").input_ids
+    plain = model(ids).logits
+    with SelfDebate(model, layer_idx=6, reconciliation_method="gated") as debate:
+        got = model(ids).logits
+    generator = torch.Generator().manual_seed(0)
+
+    def views(_m, _a, o):
+        h = o[0] if isinstance(o, tuple) else o
+        a = h * (torch.rand(h.shape, generator=generator) < 0.9).to(h.dtype) / 0.9
+        b = h * (torch.rand(h.shape, generator=generator) < 0.9).to(h.dtype) / 0.9
+        return ((a + b) / 2, *o[1:]) if isinstance(o, tuple) else (a + b) / 2
+
+    handle = model.transformer.h[6].register_forward_hook(views)
+    want = model(ids).logits
+    handle.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    shift = ((got - plain).norm() / plain.norm()).item()
+    assert 0.1 < shift < 0.5, shift  # measured: the logits move by 31% of their norm (tiny:gpt2, seed 0)
+    (record,) = debate.get_debate_info()
+    assert 0.8 < record["cosine_similarity"] < 1 and record["l2_difference"] > 0
+    with SelfDebate(model, layer_idx=6, reconciliation_method="gated", seed=0):
+        assert torch.equal(model(ids).logits, got)  # the same seed repeats exactly
+    with SelfDebate(model, layer_idx=6, reconciliation_method="gated", seed=1):
+        assert not torch.equal(model(ids).logits, got)
+
+
+def test_self_debate_takes_the_seeds_parameters():
+    model, tokenizer = load("tiny:gpt2")
+    ids = tokenizer("hi", return_tensors="pt").input_ids
+    plain = model(ids).logits
+    with SelfDebate(model, layer_idx=3, divergence_method="perturbation", divergence_strength=0.5,
+                    layer_name_template="transformer.h.{}") as debate:
+        assert not torch.equal(model(ids).logits, plain)
+    assert debate.site.module_path == "transformer.h.3" and debate.chamber.views == "noise"
+    with pytest.raises(ValueError, match="layer_name_template 'decoder.{}' gives 'decoder.3'"):
+        SelfDebate(model, layer_idx=3, layer_name_template="decoder.{}")
+    with pytest.raises(ValueError, match="dropout, perturbation or projection"):
+        SelfDebate(model, divergence_method="shuffle")
 
 
 def test_self_debate_info_is_bounded_and_gated_works_in_half_precision():
@@ -267,7 +364,7 @@ def test_self_debate_info_is_bounded_and_gated_works_in_half_precision():
         for _ in range(100):
             model(ids)
         info = debate.get_debate_info()
-    assert info["recent_calls"] == 64 and info["mean_relative_shift"] > 0
-    assert info["layer_path"] == "transformer.h.6" and info["enabled"] and not debate.enabled
+    assert len(info) == 64 and all(r["relative_shift"] > 0 and r["l2_difference"] > 0 for r in info)
+    assert debate.settings()["layer_path"] == "transformer.h.6" and not debate.enabled
     with pytest.raises(ValueError, match="out of range"):
         SelfDebate(model, layer_idx=12)

@@ -1,9 +1,19 @@
 """`SelfDebate`, the seed's self-debate chamber: two views of a layer's hidden state, reconciled.
 
-Fixes over the seed: the layer comes from the architecture table (not a GPT-2 path template), the
-chamber follows the model's dtype (gated debate works in fp16/bf16), it is deterministic in eval mode
-unless a random view is asked for, and `get_debate_info()` reads a bounded window of statistics that
-were kept as tensors, so a forward pass never waits on the GPU.
+The seed's parameters are kept: `divergence_method` (`dropout`, `perturbation` (the language's `noise`)
+or `projection`), `divergence_strength`, `reconciliation_method` (`average`, `confidence`, `gated`) and
+`layer_name_template` (e.g. "transformer.h.{}"; default: the architecture table's blocks).
+
+Its views differ in eval mode too, unlike the seed's, whose dropout views did nothing under `model.eval()`
+(the guide's own example changed no output): a chamber exists to compare two different views. The
+randomness is drawn from SelfDebate's own generator, seeded with `seed` (default 0), so a run repeats
+exactly and leaves torch's global generator alone. (The language's `debate views dropout` stays
+training-only; this is the seed API's behaviour.)
+
+Fixes over the seed: the chamber follows the model's dtype (gated debate works in fp16/bf16), and
+`get_debate_info()` returns one record a call (the cosine similarity and L2 distance of the two views,
+and how far the chamber moved the state) from a bounded window, kept as tensors until it is read, so a
+forward pass never waits on the GPU.
 """
 
 from __future__ import annotations
@@ -15,15 +25,44 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..lang.diagnostics import GarageError
 from ..plan.archs import ModelInfo
+from ..plan.prepare import sites_named
 from ..plan.resolve import ConcreteSite
 from ..runtime.hooks import HookSet, attach
 
-HISTORY = 64  # statistics of the last calls kept for get_debate_info()
+HISTORY = 64  # per-call records kept for get_debate_info()
+VIEWS = {"dropout": "dropout", "perturbation": "noise", "noise": "noise", "projection": "projection"}
+
+
+class SeededChamber(ops.Debate):
+    """The chamber with random views drawn from its own seeded generator, in eval mode as in training."""
+
+    def __init__(self, hidden: int, method: str, views: str, strength: float, seed: int) -> None:
+        super().__init__(hidden, method, views, strength)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _random(self, h: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) values of h's shape from the chamber's generator (made on h's device)."""
+        if self._generator is None or self._generator.device != h.device:
+            self._generator = torch.Generator(device=h.device).manual_seed(self.seed)
+        return torch.rand(h.shape, generator=self._generator, device=h.device, dtype=torch.float32)
+
+    def _dropped(self, h: torch.Tensor) -> torch.Tensor:
+        keep = 1 - self.strength
+        return h * (self._random(h) < keep).to(h.dtype) / keep
+
+    def _views(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.views == "noise":  # Gaussian by Box–Muller from the same generator
+            u, v = self._random(h).clamp_min(1e-12), self._random(h)
+            normal = (-2 * u.log()).sqrt() * torch.cos(2 * torch.pi * v)
+            return h, h + self.strength * normal.to(h.dtype)
+        return super()._views(h)
 
 
 class _Recording(nn.Module):
-    """Runs the chamber and keeps how far it moved the hidden state, as a tensor (no sync)."""
+    """Runs the chamber and keeps, as tensors (no sync), how its two views compare and how far it moved h."""
 
     def __init__(self, chamber: ops.Debate, history: deque) -> None:
         super().__init__()
@@ -31,9 +70,15 @@ class _Recording(nn.Module):
         self.history = history
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.chamber(h)
+        a, b = self.chamber._views(h)
+        out = self.chamber.reconcile(a, b)
         with torch.no_grad():
-            self.history.append(((out - h).norm() / h.norm().clamp_min(1e-12)).detach())
+            a32, b32 = a.float(), b.float()
+            self.history.append(torch.stack([
+                nn.functional.cosine_similarity(a32, b32, dim=-1).mean(),
+                (a32 - b32).norm(dim=-1).mean(),
+                (out - h).float().norm() / h.float().norm().clamp_min(1e-12),
+            ]).detach())
         return out
 
 
@@ -44,12 +89,14 @@ class SelfDebate:
         self,
         model: nn.Module,
         layer_idx: int | None = None,
-        divergence_method: str = "projection",
+        divergence_method: str = "dropout",
         reconciliation_method: str = "gated",
         divergence_strength: float = 0.1,
+        layer_name_template: str | None = None,
+        seed: int = 0,
     ) -> None:
-        if divergence_method not in ("dropout", "noise", "projection"):
-            raise ValueError(f"divergence_method must be dropout, noise or projection, not {divergence_method!r}")
+        if divergence_method not in VIEWS:
+            raise ValueError(f"divergence_method must be dropout, perturbation or projection, not {divergence_method!r}")
         if divergence_method == "dropout" and not 0 <= divergence_strength < 1:
             raise ValueError(f"a dropout divergence_strength is a probability in [0, 1), not {divergence_strength}")
         if reconciliation_method not in ("average", "confidence", "gated"):
@@ -63,11 +110,22 @@ class SelfDebate:
         self.divergence_method = divergence_method
         self.reconciliation_method = reconciliation_method
         self.divergence_strength = divergence_strength
-        self.chamber = ops.Debate(self.info.hidden_size, reconciliation_method, divergence_method, divergence_strength)
+        self.chamber = SeededChamber(self.info.hidden_size, reconciliation_method, VIEWS[divergence_method],
+                                     divergence_strength, seed)
         ops.place(self.chamber, model)
         self._history: deque = deque(maxlen=HISTORY)
         self._hooks: HookSet | None = None
-        self.site = ConcreteSite("out", self.layer_idx, self.info.block(self.layer_idx))
+        self.site = self._site(layer_name_template)
+
+    def _site(self, template: str | None) -> ConcreteSite:
+        if template is None:
+            return ConcreteSite("out", self.layer_idx, self.info.block(self.layer_idx))
+        path = template.format(self.layer_idx)
+        try:
+            (site,) = sites_named(self.info, path)
+        except GarageError as err:
+            raise ValueError(f"layer_name_template {template!r} gives {path!r}: {err.diagnostics[0].message}") from None
+        return site
 
     def enable(self) -> "SelfDebate":
         if self._hooks is None:
@@ -89,17 +147,14 @@ class SelfDebate:
     def __exit__(self, *exc: object) -> None:
         self.disable()
 
-    def get_debate_info(self) -> dict[str, Any]:
-        """Settings and the mean relative change the chamber made over its last calls (at most HISTORY)."""
-        recent = list(self._history)
-        shift = torch.stack(recent).float().mean().item() if recent else None
-        return {
-            "layer_idx": self.layer_idx,
-            "layer_path": self.site.module_path,
-            "divergence_method": self.divergence_method,
-            "reconciliation_method": self.reconciliation_method,
-            "divergence_strength": self.divergence_strength,
-            "enabled": self.enabled,
-            "recent_calls": len(recent),
-            "mean_relative_shift": shift,
-        }
+    def get_debate_info(self) -> list[dict[str, float]]:
+        """One record per recent call (at most HISTORY): the two views' mean cosine similarity and mean L2
+        distance per token, and the chamber's relative change of the hidden state."""
+        keys = ("cosine_similarity", "l2_difference", "relative_shift")
+        return [dict(zip(keys, row.tolist())) for row in self._history]
+
+    def settings(self) -> dict[str, Any]:
+        """Where the chamber sits and how it is set up."""
+        return {"layer_idx": self.layer_idx, "layer_path": self.site.module_path,
+                "divergence_method": self.divergence_method, "reconciliation_method": self.reconciliation_method,
+                "divergence_strength": self.divergence_strength, "enabled": self.enabled}

@@ -57,6 +57,13 @@ class Diagnostic:
     def is_error(self) -> bool:
         return self.severity == "error"
 
+    def as_dict(self) -> dict[str, object]:
+        """The diagnostic for scripts and editor problem matchers: file, line, column, end, severity,
+        message, hint and rule (line and column 0 when it belongs to the whole file)."""
+        return {"file": self.filename, "line": self.line, "column": self.column, "end_line": self.line,
+                "end_column": max(self.end_column, self.column), "severity": self.severity,
+                "message": self.message, "hint": self.hint, "rule": self.rule}
+
     def render(self) -> str:
         """Compiler-style text: `file:line:col: severity: message`, the source line and a caret."""
         where = f"{self.filename}:{self.line}:{self.column}" if self.line else self.filename

@@ -54,12 +54,15 @@ class Debate(Op):
         return h * (torch.rand_like(h) < keep).to(h.dtype) / keep
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a, b = self._views(h)
+        return self.reconcile(*self._views(h))
+
+    def reconcile(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The two views made one, by the chamber's method."""
         if self.method == "average":
             return (a + b) / 2
         if self.method == "confidence":
             conf = torch.stack([a.softmax(-1).amax(-1), b.softmax(-1).amax(-1)], dim=-1)
-            w = conf.softmax(-1).to(h.dtype)
+            w = conf.softmax(-1).to(a.dtype)
             return w[..., :1] * a + w[..., 1:] * b
         g = torch.sigmoid(self.gate(torch.cat([a, b], dim=-1)))
         return g * a + (1 - g) * b

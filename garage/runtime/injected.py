@@ -207,19 +207,28 @@ class InjectedModel(nn.Module):
         return artifact.package(self._program(), path)
 
     # ------------------------------------------------------------------ inspection
-    def explain(self) -> str:
-        """One row a statement and site: line:col, site, module path, shape, fx node, op. The fx nodes are
-        those of the graph the spec was checked on (the generation step for a causal LM), or of the scoring
-        graph; the shape is the site's value there."""
+    def explain_rows(self) -> list[dict[str, Any]]:
+        """One record a statement and site: line, column, site, module path, shape, fx node, op. The fx
+        nodes are those of the graph the spec was checked on (the generation step for a causal LM), or of
+        the scoring graph; the shape is the site's value there."""
         graph = next(iter(self._graphs.values()), None) or self._graph(SCORING)
         nodes = {x.index: x.node for x in graph.inserted}
         values = {n.name: n.meta.get("val") for n in graph.graph_module.graph.nodes}
         sizes = HiddenShape.of(graph.graph_module.graph, self.plan.info.hidden_size)
-        rows = [("line:col", "site", "module path", "shape", "fx node", "op")]
+        rows = []
         for i, step in enumerate(self.plan):
             node = nodes.get(i, "-")
-            rows.append((f"{step.span.line}:{step.span.column}", step.site.label, step.site.module_path,
-                         sizes.describe(values.get(node), step.site.head_count), node, format_op(step.op)))
+            rows.append({"line": step.span.line, "column": step.span.column, "site": step.site.label,
+                         "module_path": step.site.module_path,
+                         "shape": sizes.describe(values.get(node), step.site.head_count), "node": node,
+                         "op": format_op(step.op)})
+        return rows
+
+    def explain(self) -> str:
+        """`explain_rows` as an aligned table, then a line for each live blade source."""
+        rows = [("line:col", "site", "module path", "shape", "fx node", "op")]
+        rows += [(f"{r['line']}:{r['column']}", r["site"], r["module_path"], r["shape"], r["node"], r["op"])
+                 for r in self.explain_rows()]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         return "\n".join(table + self._sources())
