@@ -274,3 +274,19 @@ def test_an_unknown_hub_id_fails_fast_offline(capsys, monkeypatch):
     assert main(["check", "examples/steer.garage", "--model", "nobody/no-such-model"]) == 2
     assert time.perf_counter() - start < 5
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_a_model_garage_cannot_read_is_a_diagnostic_not_a_type_error():
+    """ALBERT shares one block across its layers (no ModuleList of num_hidden_layers blocks), and a bare
+    module has no config: both are GarageErrors that say why, from check, compile and hook alike."""
+    from transformers import AlbertConfig, AlbertForMaskedLM
+
+    albert = AlbertForMaskedLM(AlbertConfig(num_hidden_layers=4, num_hidden_groups=1, hidden_size=64,
+                                            num_attention_heads=4, intermediate_size=128, embedding_size=32,
+                                            vocab_size=100)).eval()
+    for run in (garage.check, garage.compile, garage.hook):
+        with pytest.raises(garage.ResolveError, match="cannot tell where this model's 4 blocks are"):
+            run(albert, "at h.1 scale 0.5")
+    with pytest.raises(garage.ResolveError, match="needs a Hugging Face model") as err:
+        garage.compile(torch.nn.Linear(3, 3), "at h.1 scale 0.5")
+    assert err.value.diagnostics[0].hint == "load it with transformers: garage reads its config"

@@ -94,10 +94,21 @@ def _width_name(site: ConcreteSite) -> str:
     return f"{site.label}'s {what}"
 
 
+def model_info(model: nn.Module, filename: str) -> ModelInfo:
+    """What garage reads of the model's structure; a model it cannot read (no config, blocks it cannot
+    find, such as ALBERT's one shared block) is a diagnostic, not a TypeError from inside garage."""
+    try:
+        return ModelInfo.from_model(model)
+    except TypeError as err:
+        hint = None if "garage.ARCHS" in str(err) else "load it with transformers: garage reads its config"
+        raise ResolveError([Diagnostic("error", f"garage cannot read this {type(model).__name__}: {err}", filename,
+                                       hint=hint)]) from None
+
+
 def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
     """Parse, resolve and build every statement that can be, on the model's device and dtype."""
     spec, syntax = spec_and_syntax(spec)
-    info = ModelInfo.from_model(model)
+    info = model_info(model, spec.filename)
     plan, unresolved = resolve_collect(spec, info)
     device, dtype = placement(model)
     ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec), device=device, dtype=dtype)
