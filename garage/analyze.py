@@ -17,6 +17,7 @@ from torch import nn
 from . import ops
 from .compiler import SpecLike, hook
 from .lang.spec import Bias, Force
+from .models import tokenizer_of, vocab_hash
 from .plan.archs import ModelInfo, text_config
 from .plan.build_ops import at_site
 from .plan.prepare import sites_named
@@ -45,13 +46,10 @@ def capture(model: nn.Module, sites: str | int | Sequence[str | int] | None = No
         raise ValueError("name the sites or layers to capture, e.g. capture(model, layers=[0, 6, 11])")
     if inputs is None:
         return Snapshot(model, wanted)
-    targets = _sites(model, wanted)
-    store: dict[str, torch.Tensor] = {}
-    recorders = [at_site(ops.Capture(store, site.label), site) for site in targets]
     spec_hooks = hook(model, spec, bind)[0] if spec != "" else HookSet(model)
-    with spec_hooks, attach(model, targets, recorders):  # attached after the spec's: they see its effect
+    with spec_hooks, Snapshot(model, wanted) as snap:  # attached after the spec's: they see its effect
         model(**_inputs(inputs))
-    return {site.label: store[site.label] for site in targets}
+    return {site.label: snap.states[site.label] for site in snap.sites}
 
 
 def _sites(model: nn.Module, wanted: str | int | Sequence[str | int]) -> list[ConcreteSite]:
@@ -280,8 +278,6 @@ class ModelComparison:
 
 def compare_models(a: nn.Module, b: nn.Module) -> ModelComparison:
     """Two models side by side, and whether blade files, live sources and blocks can pass between them."""
-    from .models import tokenizer_of, vocab_hash
-
     infos = [ModelInfo.from_model(m) for m in (a, b)]
     configs = [text_config(m) for m in (a, b)]
 

@@ -255,9 +255,11 @@ def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError):  # a folder with weights and no tokenizer files
         return None
+    _TOKENIZERS[model] = tokenizer  # read once: every later compile with this source asks again
+    return tokenizer
 
 
 def vocab_hash(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from .models import tokenizer_of
 from .ops import Add, Blade, innermost
 from .runtime.injected import InjectedModel
+from .runtime.params import statement_key
 
 IGNORE = -100  # labels that carry no loss
 Example = tuple[list[int], list[int]]  # token ids, and their labels
@@ -97,7 +98,7 @@ def strengths(inj: InjectedModel) -> dict[str, float]:
     """How open each gate is, and how long each learned vector is, by statement and site."""
     out = {}
     for step, op in zip(inj.plan, inj.ops):
-        inner, key = innermost(op), f"{step.span.line}:{step.span.column}/{step.site.label}"
+        inner, key = innermost(op), statement_key(step)
         if isinstance(inner, Blade) and inner.method == "gated":
             out[key] = torch.sigmoid(inner.gate.bias).mean().item()
         elif isinstance(inner, Add) and isinstance(inner.vector, nn.Parameter):

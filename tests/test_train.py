@@ -154,7 +154,8 @@ def test_garage_train_on_the_command_line_saves_and_run_uses_it(tmp_path, capsys
     assert main(["train", str(spec), "--model", "tiny:llama", "--data", str(data), "--steps", "50",
                  "-o", str(out)]) == 0
     assert "interrupted after 2 of 50 steps" in capsys.readouterr().err
-    assert garage.compile(garage.models.load_model("tiny:llama"), spec, params=out)  # a valid file
+    loaded = garage.compile(garage.models.load_model("tiny:llama"), spec, params=out)  # a valid file
+    assert next(loaded.parameters()).abs().sum() > 0  # holding what the two steps before Ctrl-C learned
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n[1, 2]\n')
     assert main(["train", str(spec), "--model", "tiny:llama", "--data", str(bad), "-o", str(out)]) == 2

@@ -19,16 +19,21 @@ from torch import nn
 from .._version import __version__
 from ..lang.diagnostics import Diagnostic, Span
 from ..lang.formatter import format_spec
-from ..plan.resolve import Plan
+from ..plan.resolve import Plan, Step
 
 HINT = "train this spec on this model (garage train), or use the spec the file was trained with"
+
+
+def statement_key(step: Step) -> str:
+    """`LINE:COL/SITE`: one statement at one site (a statement over several blocks has one a block)."""
+    return f"{step.span.line}:{step.span.column}/{step.site.label}"
 
 
 def entries(plan: Plan, ops: Sequence[nn.Module]) -> Iterator[tuple[str, Span, nn.Parameter]]:
     """(stable key, statement span, parameter) for every injected parameter."""
     for step, op in zip(plan, ops):
         for name, param in op.named_parameters():
-            yield f"{step.span.line}:{step.span.column}/{step.site.label}/{step.op.keyword}/{name}", step.span, param
+            yield f"{statement_key(step)}/{step.op.keyword}/{name}", step.span, param
 
 
 def save(plan: Plan, ops: Sequence[nn.Module], path: str | os.PathLike[str]) -> str:
