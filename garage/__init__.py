@@ -4,7 +4,7 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
 
     lang     text → Spec                  (grammar, AST, parser, formatter, diagnostics)
     ops      the op modules               (one nn.Module a file; both backends run them)
-    plan     Spec + model → Plan → ops    (architecture table, resolver, files, op building)
+    plan     Spec + model → Plan → ops    (architecture discovery, resolver, files, op building)
     fx       model → injected graphs      (torch.export, site location, graph rewrite)
     check    graph checks and lints       (fake-tensor shapes, networkx, blade rules)
     runtime  InjectedModel and hooks      (scoring, generation, torch.compile, .pt2)

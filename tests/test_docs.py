@@ -37,3 +37,15 @@ def test_sources_cite_only_docs_that_exist():
     assert "docs/language.md" in cited
     missing = {name for name in cited if not (ROOT / name).exists()}
     assert not missing, f"sources cite docs that do not exist: {missing}"
+
+
+def test_the_readme_shows_the_architecture_sweeps_totals():
+    """The README's totals are the generated table's (docs/architectures.md, from bench/sweep.py)."""
+    table = (ROOT / "docs" / "architectures.md").read_text(encoding="utf-8")
+    totals = re.findall(r"^\| (attempted|built as tiny models|block outputs.*?|every site kind.*?) \| (.+) \|$", table,
+                        re.MULTILINE)
+    assert len(totals) == 4
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name, value in totals:
+        assert f"| {name} | {value} |" in readme, name
+    assert int(totals[3][1].split()[0]) >= 165  # issue 16's target for every site kind + generation

@@ -85,7 +85,7 @@ def test_plan_keeps_statement_numbers_and_spans(gpt2_12):
 def test_every_architecture_resolves_every_component(name):
     model = tiny_model(name)
     info = garage.ModelInfo.from_model(model)
-    assert info.from_table and info.num_layers == 4 and info.hidden_size == 64
+    assert info.num_layers == 4 and info.hidden_size == 64
     modules = dict(model.named_modules())
     kinds = ["in", "out", "attn", "mlp"] + ([] if name == "bert" else ["final"])
     text = "; ".join(f"at h.N-1.{k} zero" if k != "final" else "at final zero" for k in kinds)

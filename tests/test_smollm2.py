@@ -57,10 +57,10 @@ def test_a_sentiment_vector_moves_the_next_word_gap_monotonically(smollm2):
     vector = garage.vectors.contrast(model, tokenizer, POSITIVE, NEGATIVE, site="h.10")
     unit = vector / vector.norm()  # so that c is in the hidden state's own units
     gaps = [sentiment_gap(garage.compile(model, f"at h.10 add v * {c}", bind={"v": unit}), tokenizer)
-            for c in (-4, -2, 0, 2, 4)]
+            for c in (-4, 0, 4)]
     assert all(a < b for a, b in zip(gaps, gaps[1:])), gaps
     assert gaps[-1] - gaps[0] > 1.0, gaps  # a real effect: measured about 1.5 nats
-    assert gaps[2] == sentiment_gap(model, tokenizer)
+    assert gaps[1] == sentiment_gap(model, tokenizer)
 
 
 def test_zero_strength_is_the_plain_model_exactly(smollm2):

@@ -15,7 +15,16 @@ from typing import Mapping
 from torch import nn
 from torch.fx import GraphModule
 
-from ..fx.export import TraceFailure, trace_diagnostic
+from ..fx.export import (
+    EXAMPLE_BATCH,
+    EXAMPLE_SEQ,
+    Static,
+    TraceFailure,
+    fallback_warning,
+    specialises,
+    static_warning,
+    trace_diagnostic,
+)
 from ..fx.fuse import splicer
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, inject, site_location
@@ -69,15 +78,22 @@ def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
     return prepared.spec.source.diagnostic(finding.step.span, finding.message, finding.hint, severity, finding.rule)
 
 
-def _checked_graph(model: nn.Module) -> tuple[GraphKey, GraphModule]:
-    """The first graph of `checked_kinds` that traces; a TraceFailure of the last when none does."""
+def _checked_graph(model: nn.Module) -> tuple[GraphKey, GraphModule, TraceFailure | None]:
+    """The first graph of `checked_kinds` that traces, or the scoring graph of one shape when the model's
+    code fixes its sequence length (with that failure); a TraceFailure of the last when none traces."""
     kinds = checked_kinds(model)
     for kind in kinds[:-1]:
         try:
-            return kind, graph_of(model, kind)
+            return kind, graph_of(model, kind), None
         except TraceFailure:  # e.g. a cache kind the step cannot hold: check on the scoring graph instead
             continue
-    return kinds[-1], graph_of(model, kinds[-1])
+    try:
+        return kinds[-1], graph_of(model, kinds[-1]), None
+    except TraceFailure as failure:
+        if not specialises(failure) or isinstance(kinds[-1], (str, Static)):
+            raise
+        static = Static(kinds[-1], EXAMPLE_BATCH, EXAMPLE_SEQ)
+        return static, graph_of(model, static), failure
 
 
 GraphChecks = tuple[list[Diagnostic], dict[GraphKey, Rewritten], BaseException | None]
@@ -90,13 +106,15 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
     its scoring graph; both hold every site, so the findings are the same."""
     plan, source = prepared.plan, prepared.spec.source
     try:
-        kind, base = _checked_graph(model)
-    except TraceFailure as failure:  # not the spec's fault, but it must be said, with its cause kept
-        return [trace_diagnostic(failure, source.filename)], {}, failure
+        kind, base, specialised = _checked_graph(model)
+    except TraceFailure as failure:  # not the spec's fault: it runs by hooks (a warning), unchecked in a graph
+        if failure.patched_forward:  # a wrapper's forward would run under the hooks too: refused, as before
+            return [trace_diagnostic(failure, source.filename)], {}, failure
+        return [fallback_warning(str(failure), source.filename, "scoring")], {}, None
     prefix, position_inputs = placement(kind)
     hidden = plan.info.hidden_size
     nodes = {n.name: n for n in base.graph.nodes}
-    out: list[Diagnostic] = []
+    out: list[Diagnostic] = [static_warning(specialised, source.filename)] if specialised else []
     for step, module in zip(plan, prepared.modules):
         try:
             location = site_location(base, step.site, hidden, prefix)

@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from . import disk
 Signature = tuple[tuple[str, torch.dtype], ...]
 
 log = logging.getLogger("garage")
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, GraphModule]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, GraphModule | TraceFailure]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # above 1, so export keeps both dimensions symbolic
 
@@ -59,10 +59,24 @@ def trace_diagnostic(failure: TraceFailure, filename: str, graph: str = "") -> D
     return Diagnostic("error", message, filename, hint=hint)
 
 
+FALLBACK = "hook-fallback"  # the rule of the warning that a spec runs by hooks
+
+
+def fallback_warning(why: str, filename: str, what: str) -> Diagnostic:
+    """The warning that says which graph could not be built, why, and what running by hooks costs."""
+    reason = why.strip().splitlines()[0] if why.strip() else "unknown reason"
+    return Diagnostic(
+        "warning",
+        f"garage cannot build this model's {what} graph ({reason}), so it runs the spec by forward hooks on "
+        "the eager model, with the same ops: the numbers are the same, but there is no fx graph to read, "
+        "torch.compile and .pt2 export do not apply, and each call is as slow as the eager model",
+        filename, hint="set GARAGE_DEBUG=1 (or garage --debug) to see why tracing failed", rule=FALLBACK)
+
+
 def forward_patch(model: nn.Module) -> str | None:
     """The name of a function set as `forward` on the model instance (as wrapping libraries do), if any."""
     patched = vars(model).get("forward")
-    if patched is None:
+    if patched is None or hasattr(model, "_hf_hook"):  # accelerate's dispatch hooks: known, and run by hooks
         return None
     return f"{getattr(patched, '__module__', '?')}.{getattr(patched, '__qualname__', type(patched).__name__)}"
 
@@ -94,8 +108,8 @@ def vocab_size(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _scoring_config(model: nn.Module) -> Iterator[None]:
-    """use_cache=False while exporting; set on the config, since as a kwarg it would become a graph input."""
+def scoring_config(model: nn.Module) -> Iterator[None]:
+    """use_cache=False while scoring; set on the config, since as a kwarg it would become a graph input."""
     config = model_config(model)
     had = "use_cache" in config.__dict__
     old = config.__dict__.get("use_cache")
@@ -109,25 +123,48 @@ def _scoring_config(model: nn.Module) -> Iterator[None]:
             config.__dict__.pop("use_cache", None)
 
 
-def example_inputs(model: nn.Module, sig: Signature) -> dict[str, torch.Tensor]:
+def example_inputs(model: nn.Module, sig: Signature, shape: tuple[int, int] = (EXAMPLE_BATCH, EXAMPLE_SEQ)
+                   ) -> dict[str, torch.Tensor]:
     device = model_device(model)
     g = torch.Generator().manual_seed(0)
     out = {}
     for name, dtype in sig:
         if name == "attention_mask":
-            out[name] = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=dtype, device=device)
+            out[name] = torch.ones(*shape, dtype=dtype, device=device)
         elif name == "input_ids":
-            out[name] = torch.randint(0, vocab_size(model), (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g).to(device, dtype)
+            out[name] = torch.randint(0, vocab_size(model), shape, generator=g).to(device, dtype)
         else:
-            out[name] = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=dtype, device=device)
+            out[name] = torch.zeros(*shape, dtype=dtype, device=device)
     return out
 
 
-def export_scoring(model: nn.Module, sig: Signature) -> GraphModule:
-    """A fresh export of the model for full-sequence scoring, batch and sequence dynamic."""
-    inputs = example_inputs(model, sig)
-    dims = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
-    with _scoring_config(model), torch.no_grad():
+class Static(NamedTuple):
+    """The scoring graph of one input shape, for a model whose code fixes its sequence length (Mamba's,
+    CPM-Ant's): traced again for each shape it is called with."""
+
+    sig: Signature
+    batch: int
+    seq: int
+
+
+def specialises(failure: TraceFailure) -> bool:
+    """Whether export failed because the model's code fixes a dimension garage marked dynamic."""
+    return "Constraints violated" in str(failure)
+
+
+def static_warning(failure: TraceFailure, filename: str) -> Diagnostic:
+    reason = str(failure).splitlines()[0]
+    return Diagnostic("warning", f"torch.export cannot trace this model with a dynamic batch and sequence length "
+                                 f"({reason}), so garage traces its scoring graph again for each input shape: the "
+                                 "first call with a new shape takes seconds", filename,
+                      hint="pad inputs to a few fixed lengths, or use garage.hook", rule="static-shapes")
+
+
+def export_scoring(model: nn.Module, sig: Signature, shape: tuple[int, int] | None = None) -> GraphModule:
+    """A fresh export of the model for full-sequence scoring: batch and sequence dynamic, or this shape."""
+    inputs = example_inputs(model, sig, shape or (EXAMPLE_BATCH, EXAMPLE_SEQ))
+    dims = None if shape else {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
+    with scoring_config(model), torch.no_grad():
         return exported(model, model, (), inputs, dynamic_shapes=dims)
 
 
@@ -136,16 +173,36 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def offloaded(model: nn.Module) -> TraceFailure | None:
+    """Why the model cannot be traced, known before trying: parameters that accelerate offloads (kept on the
+    meta device, loaded by its hooks at each call), which torch.export cannot follow."""
+    if not any(p.is_meta for p in model.parameters()):
+        return None
+    where = "disk" if "disk" in {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} else "the CPU"
+    return TraceFailure(model, RuntimeError(f"accelerate offloads some of its layers to {where} (device_map) and "
+                                            "loads them at each call"))
+
+
 def cached_graph(model: nn.Module, kind: str, make: Callable[[], GraphModule]) -> GraphModule:
     """The model's graph of this kind (a scoring signature, "step" or "unpadded"), made on first use,
-    with any hooks on the model left out of it."""
+    with any hooks on the model left out of it. A graph that cannot be made raises its TraceFailure, which
+    is kept too: a model that fails to trace fails in seconds, and is not traced again for each spec."""
     param = next(model.parameters())
     key = (kind, model.training, param.device, param.dtype)
     with _LOCK:
         per_model = _CACHE.setdefault(model, {})
         if key not in per_model:
-            per_model[key] = _load_or_export(model, kind, make)
-        return per_model[key]
+            try:
+                failure = offloaded(model)
+                if failure is not None:
+                    raise failure
+                per_model[key] = _load_or_export(model, kind, make)
+            except TraceFailure as failure:
+                per_model[key] = failure
+        found = per_model[key]
+        if isinstance(found, TraceFailure):
+            raise found
+        return found
 
 
 def _load_or_export(model: nn.Module, kind: str, make: Callable[[], GraphModule]) -> GraphModule:
@@ -164,6 +221,8 @@ def _load_or_export(model: nn.Module, kind: str, make: Callable[[], GraphModule]
     return graph
 
 
-def base_graph(model: nn.Module, sig: Signature) -> GraphModule:
-    """The cached scoring graph of this model for this input signature, exported on first use."""
-    return cached_graph(model, repr(sig), lambda: export_scoring(model, sig))
+def base_graph(model: nn.Module, sig: Signature, shape: tuple[int, int] | None = None) -> GraphModule:
+    """The cached scoring graph of this model for this input signature (and shape, if static), exported on
+    first use."""
+    kind = repr(sig) if shape is None else f"{sig!r}@{shape[0]}x{shape[1]}"
+    return cached_graph(model, kind, lambda: export_scoring(model, sig, shape))

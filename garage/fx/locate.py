@@ -50,12 +50,22 @@ class HiddenShape:
 
     def matches(self, node: Node) -> bool:
         val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3) or val.shape[-1] != self.hidden:
+        if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3):
             return False
+        if not isinstance(val.shape[-1], int) or val.shape[-1] != self.hidden:  # a symbolic width is never hidden,
+            return False  # and comparing a data-dependent one would raise (mvp's, trocr's)
         dims = tuple(str(d) for d in val.shape[:-1])
-        # OPT flattens to [batch*seq, hidden]; sympy may print the product either way round.
-        flat = {self.batch} if self.seq == "1" else {f"{self.batch}*{self.seq}", f"{self.seq}*{self.batch}"}
-        return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in flat)
+        return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in self.flat)
+
+    @property
+    def flat(self) -> set[str]:
+        """How batch*seq prints: OPT flattens to [batch*seq, hidden], and sympy may print the product either
+        way round; in a graph traced for one shape (garage's static fallback) it is a number."""
+        if self.seq == "1":
+            return {self.batch}
+        if self.batch.isdigit() and self.seq.isdigit():
+            return {str(int(self.batch) * int(self.seq))}
+        return {f"{self.batch}*{self.seq}", f"{self.seq}*{self.batch}"}
 
 
     def describe(self, value: object, heads: int = 0) -> str:
@@ -63,8 +73,7 @@ class HiddenShape:
         `[batch, seq, 9×64]` for one split into 9 heads; "-" for what is not a tensor."""
         if not isinstance(value, torch.Tensor):
             return "-"
-        names = {self.batch: "batch", self.seq: "seq", f"{self.batch}*{self.seq}": "batch*seq",
-                 f"{self.seq}*{self.batch}": "batch*seq"}
+        names = {**{flat: "batch*seq" for flat in self.flat}, self.batch: "batch", self.seq: "seq"}
         dims = [names.get(str(d), str(d)) for d in value.shape]
         if heads:
             dims[-1] = f"{heads}×{int(value.shape[-1]) // heads}"

@@ -27,6 +27,7 @@ from ..plan.archs import text_config
 from .export import (
     SCORING,
     Signature,
+    Static,
     TraceFailure,
     base_graph,
     cache_kwarg,
@@ -142,11 +143,14 @@ def step_graph(model: nn.Module, kind: str) -> GraphModule:
     return cached_graph(model, kind, lambda: STEP_EXPORTERS[kind](model))
 
 
-GraphKey = Signature | str  # a scoring input signature, or "step" / "unpadded"
+GraphKey = Signature | str | Static  # a scoring input signature, "step" / "unpadded", or one static shape
 
 
 def graph_of(model: nn.Module, kind: GraphKey) -> GraphModule:
-    """The model's base graph of this kind: a scoring graph for an input signature, else a step graph."""
+    """The model's base graph of this kind: a scoring graph for an input signature (or one shape of it),
+    else a step graph."""
+    if isinstance(kind, Static):
+        return base_graph(model, kind.sig, (kind.batch, kind.seq))
     return step_graph(model, kind) if isinstance(kind, str) else base_graph(model, kind)
 
 

@@ -2,7 +2,7 @@
 
 The seed's parameters are kept: `divergence_method` (`dropout`, `perturbation` (the language's `noise`)
 or `projection`), `divergence_strength`, `reconciliation_method` (`average`, `confidence`, `gated`) and
-`layer_name_template` (e.g. "transformer.h.{}"; default: the architecture table's blocks).
+`layer_name_template` (e.g. "transformer.h.{}"; default: the block list discovery finds).
 
 Its views differ in eval mode too, unlike the seed's, whose dropout views did nothing under `model.eval()`
 (the guide's own example changed no output): a chamber exists to compare two different views. The

@@ -1,8 +1,11 @@
-"""Per-architecture knowledge as data: where the blocks, attention, MLP and final norm live.
+"""Where a model's blocks, attention, MLP, norms and projections live: found by discovery, with a table of
+overrides for the families it would get wrong.
 
-Paths in the table are relative to the base model (`transformer.` or `model.` is found at run time, so one
-row serves GPT2Model and GPT2LMHeadModel alike). A model_type missing from the table falls back to
-discovery: the one ModuleList whose length is `num_hidden_layers`, with common sublayer names inside.
+Discovery reads the module tree: the one ModuleList of `num_hidden_layers` blocks (the text model's, in a
+multimodal model), then in every block a known layout (BERT's, BART's), common sublayer names, or class
+names (a hybrid's block 0 may have no attention); the final norm is the last norm registered after the
+blocks. Paths in a table row are relative to the base model (`transformer.` or `model.` is found at run
+time, so one row serves GPT2Model and GPT2LMHeadModel alike).
 """
 
 from __future__ import annotations
@@ -26,33 +29,17 @@ class ArchRow:
     router: str | None = None  # inside a block: the MoE router, whose logits are `h.I.router`
 
 
-_LLAMA_LIKE = ArchRow("layers", "self_attn", "mlp", "norm", "mlp.down_proj", "self_attn.o_proj")
-_MOE = ArchRow("layers", "self_attn", "mlp", "norm", None, "self_attn.o_proj", "mlp.gate")
 _GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm",
                            "mlp.down_proj", "self_attn.o_proj")
 
+# Overrides, for the families whose sublayers discovery (below) would place wrongly; tests/test_architectures.py
+# checks that each row still differs from what discovery finds, and still matches a hand-written hook.
 ARCHS: dict[str, ArchRow] = {
-    "gpt2": ArchRow("h", "attn", "mlp", "ln_f", "mlp.c_proj", "attn.c_proj"),
-    "gptj": ArchRow("h", "attn", "mlp", "ln_f", "mlp.fc_out", "attn.out_proj"),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    # Gemma 2/3 normalise each sublayer's output before the residual add: that norm's output is the site.
+    # Gemma 2/3 normalise each sublayer's output before the residual add: that norm's output is the site,
+    # where discovery would take the attention and MLP modules themselves.
     "gemma2": _GEMMA_POST_NORM,
     "gemma3": _GEMMA_POST_NORM,
     "gemma3_text": _GEMMA_POST_NORM,
-    "mixtral": _MOE,
-    "qwen2_moe": _MOE,
-    "qwen3_moe": _MOE,
-    "gpt_neox": ArchRow("layers", "attention", "mlp", "final_layer_norm", "mlp.dense_4h_to_h", "attention.dense"),
-    # OPT has no MLP module: fc2's output (flat [batch*seq, hidden]) is the MLP before its residual add.
-    "opt": ArchRow("decoder.layers", "self_attn", "fc2", "decoder.final_layer_norm", "fc2", "self_attn.out_proj"),
-    # BERT's `attention` and `output` modules already contain residual + LayerNorm; their dense layers do not.
-    "bert": ArchRow("encoder.layer", "attention.output.dense", "output.dense", None, "output.dense",
-                    "attention.output.dense"),
 }
 
 # Used by discovery, in order of preference.
@@ -102,6 +89,9 @@ class ModelInfo:
     experts: int = 0
     experts_per_token: int = 0  # top-k: how many experts each token is sent to
     fingerprint: str = ""  # a hash of some of the weights: equal for the same model, whatever its name
+    attn_blocks: frozenset[int] = frozenset()  # the blocks that have attention at `attn` (a hybrid's are some)
+    mlp_blocks: frozenset[int] = frozenset()
+    block_children: Mapping[int, tuple[str, ...]] = field(default_factory=dict, hash=False)  # "name (Class)"
 
     @property
     def head_size(self) -> int | None:
@@ -116,6 +106,10 @@ class ModelInfo:
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
+
+    def blocks_with(self, kind: str) -> frozenset[int]:
+        """The blocks that have this sublayer ("attn" or "mlp")."""
+        return self.attn_blocks if kind == "attn" else self.mlp_blocks
 
     @property
     def block_container_names(self) -> tuple[str, ...]:
@@ -135,14 +129,25 @@ class ModelInfo:
         blocks = _find_blocks(modules, num_layers, row.blocks if row else None)
         discovered = row is None
         if row is None:
-            row = _discover(modules, blocks)
+            row = _discover(modules, blocks, num_layers, hidden)
         base = blocks[: len(blocks) - len(row.blocks)] if blocks.endswith(row.blocks) else ""
 
         def full(rel: str | None) -> str | None:
             return base + rel if rel is not None and base + rel in modules else None
 
+        def having(rel: str | None, kind: str = "") -> frozenset[int]:
+            """The blocks with a module at `rel` (of the kind's classes, where discovery found it by class)."""
+            paths = [(i, f"{blocks}.{i}.{rel}") for i in range(num_layers)] if rel is not None else []
+            return frozenset(i for i, path in paths if path in modules and (
+                not kind or not discovered or _is(modules[path], kind, strict=False)))
+
         def inside(rel: str | None) -> str | None:
-            return rel if rel is not None and f"{blocks}.0.{rel}" in modules else None
+            return rel if having(rel) else None
+
+        def width_in(rel: str | None) -> int | None:
+            """The input width of the first block's module at `rel`."""
+            found = sorted(having(rel))
+            return _input_width(modules[f"{blocks}.{found[0]}.{rel}"]) if found else None
 
         routers = [(i, rel) for i in range(num_layers) if (rel := _router_in(modules, f"{blocks}.{i}", row, hidden, discovered))]
         attn_out = inside(row.attn_out)
@@ -158,15 +163,19 @@ class ModelInfo:
             module_names=frozenset(modules),
             from_table=model_type in ARCHS,
             down=inside(row.down),
-            ffn_width=_input_width(modules.get(f"{blocks}.0.{row.down}")) if inside(row.down) else None,
+            ffn_width=width_in(row.down),
             out_widths={name: w for name, m in modules.items() if (w := _output_width(m)) not in (None, hidden)},
             attn_out=attn_out,
             heads=_config_int(text, ("num_attention_heads",)),
-            head_width=_input_width(modules.get(f"{blocks}.0.{attn_out}")) if attn_out else None,
+            head_width=width_in(attn_out),
             router=routers[0][1] if routers else None,
             experts=_experts(modules[f"{blocks}.{routers[0][0]}.{routers[0][1]}"], hidden) if routers else 0,
             experts_per_token=_config_int(text, _TOP_K_NAMES),
             fingerprint=weights_fingerprint(model),
+            attn_blocks=having(row.attn, "attn"),
+            mlp_blocks=having(row.mlp, "mlp"),
+            block_children={i: tuple(f"{name} ({type(m).__name__})" for name, m in modules[f"{blocks}.{i}"].named_children())
+                            for i in range(num_layers)},
         )
 
 
@@ -198,13 +207,15 @@ def _config_int(config: Any, names: tuple[str, ...]) -> int:
 
 
 def _input_width(module: nn.Module | None) -> int | None:
-    """How wide a projection's input is: a Linear's in_features, a GPT-2 Conv1D's weight rows."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
+    """How wide a projection's input is: a Linear's (or I-BERT's QuantLinear's) in_features, a GPT-2
+    Conv1D's weight rows, or the width of the Linear that a wrapper holds as `linear` (Moshi's)."""
+    if isinstance(getattr(module, "in_features", None), int):
+        return int(getattr(module, "in_features"))
     weight = getattr(module, "weight", None)
     if hasattr(module, "nf") and isinstance(weight, nn.Parameter) and weight.dim() == 2:  # Conv1D: [in, out]
         return int(weight.shape[0])
-    return None
+    inner = getattr(module, "linear", None)
+    return _input_width(inner) if isinstance(inner, nn.Module) else None
 
 
 def _output_width(module: nn.Module) -> int | None:
@@ -247,9 +258,14 @@ def _router_in(modules: dict[str, nn.Module], block: str, row: ArchRow, hidden: 
     return None
 
 
+_TOWERS = ("vision", "visual", "audio", "image", "speech")  # a multimodal model's other encoders
+
+
 def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | None) -> str:
     """The path of the block ModuleList: the table's suffix if given, else the one list of N modules."""
     lists = [name for name, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) == num_layers and name]
+    text = [name for name in lists if not any(tower in name for tower in _TOWERS)]
+    lists = text if len(text) == 1 else lists
     if suffix is not None:
         matching = [n for n in lists if n == suffix or n.endswith("." + suffix)]
         if len(matching) == 1:
@@ -263,22 +279,90 @@ def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | N
     )
 
 
-def _discover(modules: dict[str, nn.Module], blocks: str) -> ArchRow:
-    """A table row guessed from common names, for architectures the table does not know."""
-    base, _, rel_blocks = blocks.rpartition(".")
-    prefix = base + "." if base else ""
-    child_names = {name.split(".")[-1] for name in modules if name.startswith(blocks + ".0.")}
-    top = {name[len(prefix):] for name in modules if name.startswith(prefix)}
+# Block layouts whose sublayers are not one module each: the paths that identify one, and the parts it gives.
+_LAYOUTS: tuple[tuple[tuple[str, ...], dict[str, str]], ...] = (
+    # BERT and its clones: `attention` and `output` hold residual + LayerNorm; their dense layers do not.
+    (("attention.output.dense",), dict(attn="attention.output.dense", attn_out="attention.output.dense")),
+    (("intermediate", "output.dense"), dict(mlp="output.dense", down="output.dense")),  # FNet's too
+    # MPNet: as BERT, with attention's output projection inside its own `attn`.
+    (("attention.attn.o",), dict(attn="attention.attn.o", attn_out="attention.attn.o")),
+    # BART and its kind: fc1 → activation → fc2 with no MLP module; fc2's output is the MLP's.
+    (("fc1", "fc2"), dict(mlp="fc2", down="fc2")),
+)
+# What attention and MLP classes are called, for a block whose sublayers have names garage does not know; a
+# class that also holds a norm or a whole block (DbrxNormAttentionNorm, CpmAntSelfAttentionBlock) is not one.
+_CLASS_WORDS = {"attn": ("attention", "attn", "selfatt"), "mlp": ("mlp", "feedforward", "ffn", "moe", "experts")}
+_NOT_A_SUBLAYER = ("norm", "block", "layer", "output")
+_OTHER_MIXERS = ("mamba", "recurrent", "ssm", "conv", "deltanet", "mixer", "rwkv")  # token mixers, not attention
 
-    def first(names: tuple[str, ...], pool: set[str]) -> str | None:
+
+def _is(module: nn.Module, kind: str, strict: bool = True) -> bool:
+    """Whether a module's class says it is attention (or an MLP); not strict: or any class at all that is not
+    the other kind (a named sublayer, such as `self_attn`, whatever its class)."""
+    name = type(module).__name__.lower()
+    other = _CLASS_WORDS["mlp"] + _OTHER_MIXERS if kind == "attn" else _CLASS_WORDS["attn"]
+    if not strict:
+        return not any(word in name for word in other) or any(w in name for w in _CLASS_WORDS[kind])
+    return any(word in name for word in _CLASS_WORDS[kind]) and not any(word in name for word in _NOT_A_SUBLAYER)
+
+
+def _by_class(rels: list[tuple[str, nn.Module]], kind: str) -> str | None:
+    """The shallowest path in any block whose class is of this kind (first in module order at that depth)."""
+    found = [rel for rel, module in rels if _is(module, kind)]
+    return min(found, key=lambda rel: rel.count("."), default=None)
+
+
+def _final_norm(modules: dict[str, nn.Module], blocks: str) -> str | None:
+    """The last norm registered after the blocks in their parent module, or else in the nearest ancestor
+    that has one after the module holding them: MPT's and Mamba's `norm_f`, mBART's `layer_norm`, RWKV's
+    `ln_out`, RoBERTa-PreLayerNorm's `LayerNorm` beside its encoder (its full path)."""
+    path = blocks
+    while path:
+        parent, _, child = path.rpartition(".")
+        prefix = parent + "." if parent else ""
+        siblings = [n[len(prefix):] for n in modules if n.startswith(prefix) and n and "." not in n[len(prefix):]]
+        after = siblings[siblings.index(child) + 1:] if child in siblings else []
+        norms = [name for name in after if _is_norm(modules[prefix + name]) and "embed" not in name]  # BART's
+        if norms:  # `layernorm_embedding` is on the embeddings: a post-norm model has no final norm
+            return prefix + norms[-1]
+        path = parent
+    return None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def _discover(modules: dict[str, nn.Module], blocks: str, num_layers: int, hidden: int) -> ArchRow:
+    """A table row found from the model's modules, for architectures the table does not know: a known layout,
+    common names, then class names, in every block (a hybrid's block 0 may have no attention)."""
+    parent = blocks.rpartition(".")[0]
+    prefix = parent + "." if parent else ""
+    every = [(name[len(inner):], m) for i in range(num_layers) for name, m in modules.items()
+             if name.startswith(inner := f"{blocks}.{i}.")]
+    rels = dict(reversed(every))  # each path in some block, with its first block's module
+    top = {name[len(prefix):] for name in modules if name.startswith(prefix)}
+    layout: dict[str, str] = {}
+    for needs, parts in _LAYOUTS:
+        if all(n in rels for n in needs):
+            layout = {**parts, **layout}  # the first layout to give a part keeps it
+
+    def first(names: tuple[str, ...], pool: set[str] | dict[str, nn.Module]) -> str | None:
         return next((n for n in names if n in pool), None)
 
-    mlp = first(_MLP_NAMES, child_names)
-    attn = first(_ATTN_NAMES, child_names)
+    attn = layout.get("attn") or first(_ATTN_NAMES, rels) or _by_class(every, "attn")
+    mlp = layout.get("mlp") or first(_MLP_NAMES, rels) or _by_class(every, "mlp")
 
-    def child(parent: str | None, names: tuple[str, ...]) -> str | None:
-        """`parent.name` for the first of `names` that is a direct child of `parent` in block 0."""
-        found = first(names, {n[len(f"{blocks}.0.{parent}."):] for n in modules if parent and n.startswith(f"{blocks}.0.{parent}.")})
-        return f"{parent}.{found}" if found else None
+    def child(parent: str | None, names: tuple[str, ...], down: bool) -> str | None:
+        """`parent.name` for the first of `names` that is a direct child of `parent` in some block, else the
+        last projection inside `parent` back to the hidden width (CTRL's MLP is a Sequential: `ffn.2`); a
+        down projection's input is wider or narrower than hidden (RWKV's receptance gate is neither)."""
+        named = next((f"{parent}.{n}" for n in names if parent and f"{parent}.{n}" in rels), None)
+        back = [rel for rel, m in rels.items() if parent and rel.startswith(parent + ".") and _output_width(m) == hidden
+                and (width := _input_width(m)) and (width != hidden or not down)]
+        return named or (back[-1] if back else None)
 
-    return ArchRow(rel_blocks, attn, mlp, first(_FINAL_NAMES, top), child(mlp, _DOWN_NAMES), child(attn, _ATTN_OUT_NAMES))
+    final = prefix + found if (found := first(_FINAL_NAMES, top)) else _final_norm(modules, blocks)
+    return ArchRow(blocks, attn, mlp, final,  # full paths: the final norm may sit above the blocks' parent
+                   layout.get("down") or child(mlp, _DOWN_NAMES, True),
+                   layout.get("attn_out") or child(attn, _ATTN_OUT_NAMES, False))

@@ -140,7 +140,7 @@ def _ffn_hidden(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSit
                       "expert has its own hidden layer, run only on the tokens routed to it, so there is no one mlp.hidden",
                       "use h.I.mlp (the MoE block's output), h.I.router (its routing), or name one expert's module by "
                       "its quoted path")
-    if not info.has(layer, info.down) or info.ffn_width is None:
+    if not info.has(layer, info.down) or info.ffn_width is None or layer not in info.mlp_blocks:
         raise Problem(site.span, f"this model ({info.model_type}) has no FFN down projection that garage knows",
                       _ARCH_HINT)
     return ConcreteSite("mlp.hidden", layer, f"{info.block(layer)}.{info.down}", site.positions, info.ffn_width)
@@ -148,6 +148,8 @@ def _ffn_hidden(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSit
 
 def _attn_heads(info: ModelInfo, layer: int, site: ast.BlockSite) -> ConcreteSite:
     """`h.I.attn.heads`: the input of attention's output projection, [batch, seq, heads × head size]."""
+    if info.attn is not None and layer not in info.attn_blocks:
+        raise _missing(info, "attn", layer, site.span)
     if not info.has(layer, info.attn_out) or info.head_size is None:
         raise Problem(site.span, f"this model ({info.model_type}) has no attention output projection that garage "
                       "splits into heads", "give its model_type's row in garage.ARCHS an `attn_out` path")
@@ -177,9 +179,24 @@ def _ranges(numbers: list[int]) -> str:
 
 def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
     rel = {"attn": info.attn, "mlp": info.mlp}.get(kind)
-    if kind in ("attn", "mlp") and rel is None:
-        raise Problem(span, f"this model ({info.model_type}) has no {kind} sublayer that garage knows", _ARCH_HINT)
+    if kind in ("attn", "mlp") and (rel is None or layer not in info.blocks_with(kind)):
+        raise _missing(info, kind, layer, span)
     return info.block(layer) + (f".{rel}" if rel else "")
+
+
+_KIND_NAMES = {"attn": "attention", "mlp": "MLP"}
+
+
+def _missing(info: ModelInfo, kind: str, layer: int, span: Span) -> Problem:
+    """No such sublayer in this block: which blocks have one, or, when none does, what the block holds."""
+    having = sorted(info.blocks_with(kind))
+    if having:
+        return Problem(span, f"block {layer} of this model ({info.model_type}) has no {_KIND_NAMES[kind]}",
+                       f"its blocks with {_KIND_NAMES[kind]} are {_ranges(having)}")
+    parts = info.block_children.get(layer, ())
+    holds = f": its block {layer} holds {', '.join(parts)}" if parts else ""
+    return Problem(span, f"this model ({info.model_type}) has no {_KIND_NAMES[kind]} sublayer that garage finds{holds}",
+                   _ARCH_HINT)
 
 
 _ARCH_HINT = "name the module by its quoted path, or add a row for this model_type to garage.ARCHS"

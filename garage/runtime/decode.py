@@ -42,12 +42,13 @@ class Sampling:
 
 def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, int]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, max_new_tokens: int, sampling: Sampling, eos_token_ids: list[int],
-                pad_token_id: int | None, cache_dtype: torch.dtype) -> torch.Tensor:
+                pad_token_id: int | None, cache_dtype: torch.dtype,
+                processors: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`.
 
     Both steps run the step graph: `prompt_step` on the whole prompt, `token_step` on each new token (the
     two differ only when compiled). `kv_shapes` is (kv_heads, head_dim) for each flat cache entry
-    (k0, v0, k1, v1, …)."""
+    (k0, v0, k1, v1, …). `processors` (tokens so far, scores) → scores are those of the generation config."""
     mask = attention_mask.to(torch.long)
     batch, prompt_tokens = input_ids.shape
     device = input_ids.device
@@ -62,7 +63,7 @@ def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, 
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
     last_position = positions[:, -1:]
     for i in range(max_new_tokens):
-        next_token = sampling.choose(logits)
+        next_token = sampling.choose(processors(tokens, logits.float()) if processors else logits)
         if eos is not None and pad_token_id is not None:
             next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad_token_id))
         tokens = torch.cat([tokens, next_token[:, None]], dim=-1)

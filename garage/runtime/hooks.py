@@ -41,11 +41,13 @@ def apply_ops(modules: Iterable[nn.Module], h: torch.Tensor, ctx: CallContext) -
 
 
 def _replace_hidden(output: Any, fn: Run) -> Any:
-    """Apply fn to the hidden state inside a module's output: a tensor, or the first item of a tuple/ModelOutput."""
+    """Apply fn to the hidden state inside a module's output: a tensor, or the first item of a tuple, list or
+    ModelOutput."""
     if isinstance(output, torch.Tensor):
         return fn(output)
-    if isinstance(output, tuple):
-        return (fn(output[0]),) + tuple(output[1:])
+    if isinstance(output, (tuple, list)):  # openai-gpt's blocks return a list, Reformer's a namedtuple
+        items = [fn(output[0]), *output[1:]]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
     if hasattr(output, "to_tuple") and len(output) > 0:  # a ModelOutput
         key = next(iter(output.keys()))
         output[key] = fn(output[key])

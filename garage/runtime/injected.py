@@ -7,6 +7,7 @@ a scoring graph per input signature, the unpadded scoring graph, and the generat
 from __future__ import annotations
 
 import os
+import warnings as python_warnings
 from typing import Any, Callable
 
 import torch
@@ -15,9 +16,14 @@ from torch.fx import GraphModule
 
 from ..fx.export import (
     SCORING,
+    Signature,
+    Static,
     TraceFailure,
+    fallback_warning,
     model_device,
     signature,
+    specialises,
+    static_warning,
     trace_diagnostic,
     vocab_size,
 )
@@ -32,13 +38,15 @@ from ..fx.steps import (
     placement,
     unpadded_possible,
 )
-from ..lang.diagnostics import Diagnostic, ValidationError
+from ..lang.diagnostics import Diagnostic, GarageWarning, ValidationError
 from ..lang.formatter import format_op
 from ..ops import innermost
 from ..plan.resolve import Plan
 from . import artifact, params
 from .compiled import compiled
 from .decode import Sampling, decode_loop
+from .fallback import HookRunner
+from .processors import logits_processors
 
 # Forward kwargs the scoring graph has baked in; passing them with these values is harmless.
 _BAKED = {"use_cache": (False, None), "return_dict": (True, None), "output_hidden_states": (False, None),
@@ -70,8 +78,11 @@ class InjectedModel(nn.Module):
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._graphs: dict[GraphKey, Rewritten] = dict(graphs or {})
         self._runners: dict[GraphKey, Callable[..., Any]] = {}
-        sources = [live.model for m in modules if (live := getattr(innermost(m), "live", None)) is not None]
-        self._causal_path = all(unpadded_possible(m) for m in [model, *sources])
+        self._hooks = HookRunner(model, [s.site for s in plan], modules)
+        self.fallbacks: dict[str, Diagnostic] = {}  # "scoring" / "generation" → why it runs by hooks
+        self._static = any(isinstance(kind, Static) for kind in self._graphs)  # a scoring graph per input shape
+        self._source_models = [live.model for m in modules if (live := getattr(innermost(m), "live", None)) is not None]
+        self._causal_path = all(unpadded_possible(m) for m in [model, *self._source_models])
         self.train(model.training)
 
     # ------------------------------------------------------------------ graphs
@@ -100,6 +111,46 @@ class InjectedModel(nn.Module):
             self._runners[kind] = self._maybe_compiled(self._graph(kind).graph_module,
                                                        "step" if kind == "step" else "scoring")
         return self._runners[kind]
+
+    def _or_hooks(self, kind: GraphKey, use: str) -> Callable[..., Any] | None:
+        """The runner of this kind, or None where the model cannot be traced for it (or, for generation, the
+        spec cannot be placed in its step graph): then `use` runs by hooks, with a warning said once."""
+        if use in self.fallbacks:
+            return None
+        try:
+            if kind not in self._graphs:
+                self._graphs[kind] = self._inject(kind)
+        except TraceFailure as failure:
+            if specialises(failure) and not isinstance(kind, (str, Static)):  # trace each shape: see forward
+                self._static = True
+                self._warn(static_warning(failure, self.plan.spec.filename))
+                return None
+            why = str(failure)
+        except SiteNotFound as err:
+            if use != "generation":
+                return self._runner(kind)  # the spec's own problem: raised as a diagnostic
+            why = f"the spec cannot be placed in its step graph: {err}"
+        else:
+            return self._runner(kind)
+        if kind == "unpadded":  # the padded graph serves unpadded batches too
+            self._causal_path = False
+            return None
+        self._fall_back(use, why)
+        return None
+
+    def _fall_back(self, use: str, why: str) -> None:
+        if self._source_models:  # a live source's state exists only in the fused graph: hooks cannot stand in
+            raise ValidationError([Diagnostic("error", f"cannot build the {use} graph that a live blade source "
+                                              f"needs: {why}", self.plan.spec.filename,
+                                              hint="take the blade from a file (garage blade extract)")])
+        self.fallbacks[use] = fallback_warning(why, self.plan.spec.filename, use)
+        self._warn(self.fallbacks[use])
+
+    def _warn(self, warning: Diagnostic) -> None:
+        """Issue a warning found at run time, unless `compile` said one of its rule already."""
+        if not any(w.rule == warning.rule for w in self.warnings):
+            python_warnings.warn(warning.render(), GarageWarning, stacklevel=5)
+        self.warnings.append(warning)
 
     def _token_runner(self) -> Callable[..., Any]:
         """The step graph for one-token steps. Eager, it is the step runner itself. Under torch.compile it is
@@ -137,10 +188,33 @@ class InjectedModel(nn.Module):
             raise TypeError("InjectedModel needs input_ids")
         self.captures.clear()
         if self._unpadded(inputs):  # no padding: SDPA's causal path, with no mask materialized
-            return self._runner("unpadded")(input_ids=inputs["input_ids"])
+            unpadded = self._or_hooks("unpadded", "scoring")
+            if unpadded is not None:  # else: it cannot be traced, and the padded graph serves
+                return unpadded(input_ids=inputs["input_ids"])
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        return self._runner(signature(inputs))(**inputs)
+        graph = self._scoring_runner(signature(inputs), inputs["input_ids"].shape)
+        if graph is not None:
+            try:
+                return graph(**inputs)
+            except AssertionError as err:  # a shape the traced graph's guards exclude (DeepSeek-V4's short inputs)
+                self._guard_failed("scoring", err)
+        return self._hooks.score(**inputs)
+
+    def _scoring_runner(self, sig: Signature, shape: torch.Size) -> Callable[..., Any] | None:
+        """The scoring graph of this signature; of this shape, for a model whose code fixes its length (known
+        from the check, or found out here); None where scoring runs by hooks."""
+        if not self._static:
+            graph = self._or_hooks(sig, "scoring")
+            if graph is not None or not self._static:
+                return graph
+        return self._or_hooks(Static(sig, shape[0], shape[1]), "scoring")
+
+    def _guard_failed(self, use: str, err: AssertionError) -> None:
+        """Fall back to hooks, with a warning, if `err` is a guard of the traced graph; else re-raise it."""
+        if "Guard failed" not in str(err):
+            raise err
+        self._fall_back(use, f"its traced graph does not hold for this input: {err}")
 
     def _unpadded(self, inputs: dict[str, torch.Tensor]) -> bool:
         """Whether this call can take the unpadded graph: only ids (and an all-ones mask), 2+ tokens.
@@ -165,7 +239,9 @@ class InjectedModel(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Like `model.generate`: prompt + new token ids, decoded with a KV cache through the injected graphs."""
+        """Like `model.generate`: prompt + new token ids, decoded with a KV cache through the injected graphs,
+        with the logits processors of the model's generation config (forced EOS, n-gram blocking, …). Where
+        the step graph cannot be built, `model.generate` runs under the hooks instead (see `fallbacks`)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
         if not can_generate(self.model):
@@ -181,10 +257,17 @@ class InjectedModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         self.captures.clear()
         sampling = Sampling(do_sample, temperature, top_k, top_p)
+        if self._or_hooks("step", "generation") is None:
+            return self._hooks.generate(input_ids, attention_mask, max_new_tokens, sampling, eos, pad_token_id)
         prompt_step, token_step = self._runner("step"), self._token_runner()
         dtype = next(self.model.parameters()).dtype
-        return decode_loop(prompt_step, token_step, cache_shapes(self._graph("step").graph_module), input_ids,
-                           attention_mask, max_new_tokens, sampling, eos, pad_token_id, dtype)
+        processors = logits_processors(config, input_ids.shape[1], max_new_tokens, eos, input_ids.device)
+        try:
+            return decode_loop(prompt_step, token_step, cache_shapes(self._graph("step").graph_module), input_ids,
+                               attention_mask, max_new_tokens, sampling, eos, pad_token_id, dtype, processors)
+        except AssertionError as err:
+            self._guard_failed("generation", err)
+        return self._hooks.generate(input_ids, attention_mask, max_new_tokens, sampling, eos, pad_token_id)
 
     # ------------------------------------------------------------------ artefacts
     def _program(self) -> torch.export.ExportedProgram:
@@ -211,7 +294,13 @@ class InjectedModel(nn.Module):
         """One record a statement and site: line, column, site, module path, shape, fx node, op. The fx
         nodes are those of the graph the spec was checked on (the generation step for a causal LM), or of
         the scoring graph; the shape is the site's value there."""
-        graph = next(iter(self._graphs.values()), None) or self._graph(SCORING)
+        graph = next(iter(self._graphs.values()), None)
+        if graph is None and self._or_hooks(SCORING, "scoring") is not None:
+            graph = self._graph(SCORING)
+        if graph is None:  # it runs by hooks: there is no graph node, and no traced shape
+            return [{"line": step.span.line, "column": step.span.column, "site": step.site.label,
+                     "module_path": step.site.module_path, "shape": "-", "node": "(hook)",
+                     "op": format_op(step.op)} for step in self.plan]
         nodes = {x.index: x.node for x in graph.inserted}
         values = {n.name: n.meta.get("val") for n in graph.graph_module.graph.nodes}
         sizes = HiddenShape.of(graph.graph_module.graph, self.plan.info.hidden_size)
@@ -225,13 +314,16 @@ class InjectedModel(nn.Module):
         return rows
 
     def explain(self) -> str:
-        """`explain_rows` as an aligned table, then a line for each live blade source."""
+        """`explain_rows` as an aligned table, then a line for each live blade source, and one for each use
+        (scoring, generation) that runs by hooks."""
         rows = [("line:col", "site", "module path", "shape", "fx node", "op")]
         rows += [(f"{r['line']}:{r['column']}", r["site"], r["module_path"], r["shape"], r["node"], r["op"])
                  for r in self.explain_rows()]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        return "\n".join(table + self._sources())
+        hooked = [f"{use}: by forward hooks on the eager model (garage cannot build its graph: see the warning)"
+                  for use in self.fallbacks]
+        return "\n".join(table + self._sources() + hooked)
 
     def _sources(self) -> list[str]:
         """One line per live blade source: which of its blocks run in the graph."""
