@@ -156,7 +156,7 @@ def parse_valid(text: str) -> garage.Spec | None:
         return None
 
 
-@settings(max_examples=3_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1_500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec_text)
 def test_parse_format_parse_round_trips(text):
     spec = parse_valid(text)
