@@ -7,9 +7,13 @@ Each measurement runs in a new Python process, which loads the model, times a pl
 same 20 tokens. garage's extra time is (compile + first generate) − plain generate. Two cases:
 
 - cold: an empty graph cache (the dequantized model is shared, so loading is not what is timed);
-- warm: a second fresh process, after the cold one filled the cache for this model, spec and versions.
+- warm: a second fresh process, after the cold one filled the cache for this model, spec and versions;
+- new user, first run (smollm2 only): a cache with nothing in it at all, so the model is dequantized from
+  the GGUF wheel in that process;
+- new user, second process: what every user's second run costs. It loads the model from garage's copy,
+  not the GGUF, and must still find the graphs the first run exported.
 
-Targets on the 2-core CI machine, for smollm2: cold ≤ 10 s extra, warm ≤ 2 s extra.
+Targets on the 2-core CI machine, for smollm2: cold ≤ 10 s extra, warm (and the second process) ≤ 2 s extra.
 """
 
 from __future__ import annotations
@@ -80,12 +84,15 @@ def main(models: list[str]) -> None:
     print("| model | case | load | plain generate | garage.compile | first inj.generate | garage extra | target |")
     print("|---|---|---|---|---|---|---|---|")
     for model in models:
-        cache = fresh_cache(shared)
-        for case, target in (("cold", 10.0), ("warm", 2.0)):
-            t = measure(model, cache)
-            extra = t["compile"] + t["generate"] - t["plain"]
-            print(f"| {model} | {case} | {t['load']:.1f} s | {t['plain']:.2f} s | {t['compile']:.2f} s | "
-                  f"{t['generate']:.2f} s | **{extra:.1f} s** | ≤ {target:g} s |", flush=True)
+        cases = [(fresh_cache(shared), (("cold", 10.0), ("warm", 2.0)))]
+        if model == SMOLLM2:
+            cases.append((fresh_cache(None), (("new user, first run", 10.0), ("new user, second process", 2.0))))
+        for cache, rows in cases:
+            for case, target in rows:
+                t = measure(model, cache)
+                extra = t["compile"] + t["generate"] - t["plain"]
+                print(f"| {model} | {case} | {t['load']:.1f} s | {t['plain']:.2f} s | {t['compile']:.2f} s | "
+                      f"{t['generate']:.2f} s | **{extra:.1f} s** | ≤ {target:g} s |", flush=True)
 
 
 if __name__ == "__main__":

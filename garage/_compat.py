@@ -12,6 +12,11 @@ May import: torch and transformers only (no garage module), so that every stage 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
+import json
+import threading
+import zipfile
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -19,6 +24,8 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers import DynamicCache, masking_utils
 from transformers.cache_utils import DynamicLayer
+
+_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------ torch.fx
@@ -123,6 +130,53 @@ def fake_tensor_limits() -> tuple[type[BaseException], ...]:
     return (GuardOnDataDependentSymNode, *(getattr(fake_tensor, n) for n in names if hasattr(fake_tensor, n)))
 
 
+# ------------------------------------------------------------------ torch.export
+def module_with_guard_source(program: torch.export.ExportedProgram, attribute: str) -> GraphModule:
+    """`program.module()`, with the source of its `_guards_fn` kept on that module as `attribute`: (the guard
+    code lines, the `L[...]` path of each input), so the guards can be stored as data, not as code.
+
+    Captured from `torch.export._unlift._convert_guards_code_to_fn(guards_code, paths_of_placeholders)`,
+    which `.module()` calls to `exec` them (checked on torch 2.13). If it is renamed or changes its
+    arguments, nothing is kept, and such graphs are exported each time instead of cached."""
+    from torch.export import _unlift
+    from torch.utils import _pytree as pytree
+
+    original = getattr(_unlift, "_convert_guards_code_to_fn", None)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def capture(code: list[str], paths: list[tuple[Any, ...]]) -> Any:
+        seen.append(([str(line) for line in code], ["L" + pytree.keystr(path) for path in paths]))
+        return original(code, paths)  # type: ignore[misc]
+
+    if original is None:
+        return program.module()
+    with _LOCK:  # the patch is process-wide: one export at a time sees it
+        _unlift._convert_guards_code_to_fn = capture  # type: ignore[assignment]
+        try:
+            module = program.module()
+        finally:
+            _unlift._convert_guards_code_to_fn = original
+    guards = getattr(module, "_guards_fn", None)
+    if guards is not None and len(seen) == 1:
+        setattr(guards, attribute, seen[0])
+    return module
+
+
+def is_guard_failure(err: BaseException) -> bool:
+    """Whether an error from running an exported graph is one of its input guards refusing the input (the
+    `Guard failed: …` AssertionError of torch's `_guards_fn`, and of garage's rebuilt guards), not a bug
+    (the message checked on torch 2.13). If torch rewords it, a refused input raises instead of falling back
+    to hooks, and the guard tests fail."""
+    return isinstance(err, AssertionError) and "Guard failed" in str(err)
+
+
+def fixes_dynamic_size(err: BaseException) -> bool:
+    """Whether torch.export failed because the model's code fixes a dimension marked dynamic (its
+    "Constraints violated" error, checked on torch 2.13): then a graph per input shape can still be traced.
+    If torch rewords it, such models run by hooks instead, and the static-shape tests fail."""
+    return "Constraints violated" in str(err)
+
+
 # ------------------------------------------------------------------ torch.compile
 @contextlib.contextmanager
 def size_oblivious() -> Iterator[None]:
@@ -154,6 +208,42 @@ def aoti_load_package(path: str) -> Callable[..., Any]:
     from torch._inductor import aoti_load_package as load
 
     return load(path)
+
+
+def pt2_pickled_entries(archive: zipfile.ZipFile) -> list[str]:
+    """What in a `torch.export.save` archive `torch.export.load` would unpickle with full pickle (which runs
+    code): weights and constants flagged `use_pickle`, custom or opaque objects, legacy `.pt` weight files,
+    the legacy (pre-2.8) archive layout, and sample inputs that torch's weights-only unpickler refuses
+    (torch then retries them with `weights_only=False`). An AOTInductor package is compiled code, listed too.
+
+    Reads the archive layout of `torch.export.pt2_archive` (its constants and payload configs) and the
+    sample-inputs fallback of `torch._export.serde.serialize.deserialize_torch_artifact` (checked on torch
+    2.13). If the layout changes, this refuses archives it does not know, never the reverse."""
+    from torch.export.pt2_archive import constants as c
+
+    files = {name.split("/", 1)[1]: name for name in archive.namelist() if "/" in name}
+    found: list[str] = []
+    if files.get(c.ARCHIVE_FORMAT_PATH) is None or archive.read(files[c.ARCHIVE_FORMAT_PATH]).decode(
+            "utf-8", "replace").strip() != c.ARCHIVE_FORMAT_VALUE:
+        return ["the whole archive (not the pt2 archive format, or its legacy layout, which loads by pickle)"]
+    for name, full in files.items():
+        if name.startswith(c.AOTINDUCTOR_DIR):
+            found.append(f"{name} (compiled AOTInductor code)")
+        elif name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and name.endswith(".pt"):
+            found.append(f"{name} (a legacy pickled weights file)")
+        elif name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and name.endswith("_config.json"):
+            config = json.loads(archive.read(full)).get("config", {})
+            for fqn, payload in config.items():
+                path = str(payload.get("path_name", ""))
+                if payload.get("use_pickle") or path.startswith((c.CUSTOM_OBJ_FILENAME_PREFIX,
+                                                                  c.OPAQUE_OBJ_FILENAME_PREFIX)):
+                    found.append(f"{name}: {fqn} (stored by pickle)")
+        elif name.startswith(c.SAMPLE_INPUTS_DIR):
+            try:
+                torch.load(io.BytesIO(archive.read(full)), weights_only=True)
+            except Exception as err:  # the weights-only unpickler refused it: torch would retry with full pickle
+                found.append(f"{name} (sample inputs that need full pickle: {type(err).__name__})")
+    return found
 
 
 # ------------------------------------------------------------------ nn.Module
@@ -213,6 +303,19 @@ def flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
     """(k0, v0, k1, v1, …) of a DynamicCache: `cache.layers[i].keys / .values` (checked on 5.24)."""
     layers: list[Any] = list(cache.layers)
     return [t for layer in layers for t in (layer.keys, layer.values)]
+
+
+@functools.lru_cache(maxsize=1)
+def generation_defaults() -> dict[str, Any]:
+    """transformers' global generation defaults (top_k 50, temperature 1.0, …), which `model.generate` applies
+    to fields that neither the call nor the model's generation config sets:
+    `GenerationConfig._get_default_generation_params()` (checked on transformers 5.24 and 5.25). Releases
+    without it set those defaults on every GenerationConfig itself, so nothing is missing there. If it is
+    renamed, sampling without a top-k in the config would skip top-k, and the sampling test fails."""
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return dict(defaults()) if callable(defaults) else {}
 
 
 class SlotLayer(DynamicLayer):

@@ -7,42 +7,54 @@ Like `_compat`, this module uses private torch APIs (fake tensors, the ShapeEnv,
 `_LazyGraphModule`); it was checked on torch 2.13.0, and a cached graph records the torch version that
 wrote it and is never read by another. A change in any of these internals fails tests/test_graph_cache.py.
 
-May import: torch, sympy (a torch dependency) and safetensors only.
+May import: torch, sympy (a torch dependency), safetensors and `garage._guards` only.
 
 `dump(gm, root)` turns a graph into plain JSON data plus the few tensors that are not the live model's own
 (lifted constants); the model's parameters and buffers are recorded by their path in `root` only.
 `load(desc, tensors, root)` rebuilds an equivalent GraphModule over `root`'s live tensors (shared, not
-copied). Nothing is unpickled, imported or executed from the cache: every call target is resolved through
-an allowlist (torch.ops OpOverloads of allowed namespaces, higher-order ops, `operator`, `math`,
-`builtins.getattr`, torch.sym_*), and symbolic sizes are rebuilt from JSON trees of allowlisted sympy
-classes, not parsed. Node names, `nn_module_stack`, and `meta["val"]` (FakeTensors, SymInts and SymBools
-with the original symbolic sizes, in one fresh FakeTensorMode and ShapeEnv) are restored.
+copied). The cache seals its entries (`garage._cache`), and independently of that, nothing in a
+description can run code:
+- every call target is resolved through an explicit allowlist: torch.ops overloads of the `aten` and
+  `prims` namespaces (public names only), a few higher-order ops that run the graph's own subgraphs, and
+  the size arithmetic torch.export emits (`operator.getitem`, `operator.add`, …, `math.ceil`, `torch.sym_*`,
+  `torch._assert`), with no `getattr`, no `operator.call`, no dunders;
+- every string fx pastes into the code it generates (inputs, node names, keyword arguments, the input
+  spec's keys, attribute paths, the class name) must be a plain identifier, and inputs take no defaults;
+- symbolic sizes are rebuilt from JSON trees of allowlisted sympy classes, not parsed;
+- the exported module's `_guards_fn`, code that torch writes and `exec`s, is rebuilt from guard trees
+  that `garage._guards` interprets, so a cached graph refuses exactly the inputs a fresh export refuses.
 
-Not restored: `stack_trace`, `from_node`, `torch_fn`, `custom`, `tensor_meta` (none is read by garage, and
-dynamo re-traces the code). The exported module's `_guards_fn` (code that torch generates with `exec`) is
-rebuilt as `InputGuards`: the equalities between input sizes, and static sizes, that the placeholders'
-symbolic shapes imply — the same checks torch generates for garage's graphs.
+Node names, `nn_module_stack`, and `meta["val"]` (FakeTensors, SymInts and SymBools with the original
+symbolic sizes, in one fresh FakeTensorMode and ShapeEnv) are restored. Not restored: `stack_trace`,
+`from_node`, `torch_fn`, `custom`, `tensor_meta` (none is read by garage, and dynamo re-traces the code).
 """
 
 from __future__ import annotations
 
-import builtins
 import json
+import keyword
 import math
 import operator
-import re
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable
 from typing import Any
 
 import sympy
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
+from . import _guards
+from ._guards import InputGuards
+
 FORMAT = 1
 OP_NAMESPACES = frozenset({"aten", "prims"})  # torch.ops namespaces a cached graph may call
+
+
+GUARD_SOURCE = "garage_source"  # on an exported module's `_guards_fn`: the (code, paths) torch generated it from
 
 
 class Unsupported(Exception):
@@ -54,24 +66,26 @@ class CacheMismatch(Exception):
 
 
 # ------------------------------------------------------------------ call targets
+# The plain Python functions a cached graph may call: the size arithmetic and assertions torch.export
+# emits, and nothing that reaches attributes, globals or arbitrary callables (no getattr, no operator.call).
+_OPERATORS = ("getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne",
+              "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift")
+_MATH = ("ceil", "floor", "trunc", "sqrt", "log2")
+_SYM = ("sym_max", "sym_min", "sym_not", "sym_float", "sym_int", "sym_ite", "sym_sqrt", "sym_sum")
+# Higher-order ops that only run the graph's own subgraphs.
+_HOPS = frozenset({"wrap_with_set_grad_enabled", "wrap_with_autocast", "wrap", "cond", "while_loop", "scan",
+                   "map_impl", "invoke_subgraph", "associative_scan"})
+
+
 def _python_targets() -> dict[str, Callable[..., Any]]:
     """Every plain Python callable a cached graph may call, by a stable name."""
-    table: dict[str, Callable[..., Any]] = {"builtins.getattr": builtins.getattr}
-    for name in dir(operator):
-        fn = getattr(operator, name)
-        if not name.startswith("_") and callable(fn):
-            table[f"operator.{name}"] = fn
-    for name in dir(math):
-        fn = getattr(math, name)
-        if not name.startswith("_") and callable(fn):
-            table[f"math.{name}"] = fn
-    for name in dir(torch):
-        if name.startswith(("sym_", "_sym_")) and callable(getattr(torch, name)):
-            table[f"torch.{name}"] = getattr(torch, name)
-    table["torch._assert"] = torch._assert
-    table["torch._C._set_grad_enabled"] = torch._C._set_grad_enabled
     from torch.amp import autocast_mode
 
+    table: dict[str, Callable[..., Any]] = {f"operator.{n}": getattr(operator, n) for n in _OPERATORS}
+    table.update({f"math.{n}": getattr(math, n) for n in _MATH})
+    table.update({f"torch.{n}": getattr(torch, n) for n in _SYM if hasattr(torch, n)})
+    table["torch._assert"] = torch._assert
+    table["torch._C._set_grad_enabled"] = torch._C._set_grad_enabled
     for name in ("_enter_autocast", "_exit_autocast"):
         if hasattr(autocast_mode, name):
             table[f"torch.amp.autocast_mode.{name}"] = getattr(autocast_mode, name)
@@ -89,6 +103,8 @@ def _encode_target(target: Any) -> Any:
             raise Unsupported(f"op {qualified} is outside the namespaces a cached graph may call")
         return {"op" if isinstance(target, torch._ops.OpOverload) else "packet": qualified}  # "aten::add.Tensor"
     if isinstance(target, torch._ops.HigherOrderOperator):
+        if target.name() not in _HOPS:
+            raise Unsupported(f"higher-order op {target.name()} is not in the allowlist")
         return {"hop": target.name()}
     name = _PY_NAMES.get(id(target))
     if name is None or _PY_TARGETS[name] is not target:
@@ -96,24 +112,42 @@ def _encode_target(target: Any) -> Any:
     return {"py": name}
 
 
-def _decode_target(enc: dict[str, str]) -> Any:
-    if "op" in enc or "packet" in enc:
-        qualified = enc.get("op") or enc["packet"]
-        namespace, _, rest = qualified.partition("::")
+def _op_name(name: Any) -> str:
+    """A name looked up on a torch.ops namespace: an identifier (aten has dunder ops such as `__and__`; what
+    the lookup finds must then be that very operator, so the namespace object's own attributes are refused)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise Unsupported(f"name {name!r}")
+    return name
+
+
+def _decode_target(enc: Any) -> Any:
+    if not isinstance(enc, dict) or len(enc) != 1:
+        raise Unsupported(f"call target {enc!r}")
+    ((tag, value),) = enc.items()
+    if tag in ("op", "packet") and isinstance(value, str):
+        namespace, _, rest = value.partition("::")
         if namespace not in OP_NAMESPACES:
             raise Unsupported(f"op namespace {namespace!r} is not allowed")
         name, _, overload = rest.partition(".")
-        packet = getattr(getattr(torch.ops, namespace), name)
-        if "packet" in enc:
+        try:
+            packet = getattr(getattr(torch.ops, namespace), _op_name(name))
+        except (AttributeError, RuntimeError):  # no such operator
+            packet = None
+        if not isinstance(packet, torch._ops.OpOverloadPacket) or packet._qualified_op_name != f"{namespace}::{name}":
+            raise Unsupported(f"{value} is not an operator")
+        if tag == "packet":
             return packet
-        return getattr(packet, overload or "default")
-    if "hop" in enc:
-        hop = getattr(torch.ops.higher_order, enc["hop"])
-        if not isinstance(hop, torch._ops.HigherOrderOperator):
-            raise Unsupported(f"{enc['hop']} is not a higher-order op")
-        return hop
-    if enc.get("py") in _PY_TARGETS:
-        return _PY_TARGETS[enc["py"]]
+        overload = overload or "default"
+        op = getattr(packet, _op_name(overload), None)
+        if not isinstance(op, torch._ops.OpOverload) or op._overloadname != overload:
+            raise Unsupported(f"{value} is not an operator overload")
+        return op
+    if tag == "hop" and value in _HOPS:
+        hop = torch._ops._higher_order_ops.get(value)
+        if isinstance(hop, torch._ops.HigherOrderOperator):
+            return hop
+    if tag == "py" and value in _PY_TARGETS:
+        return _PY_TARGETS[value]
     raise Unsupported(f"call target {enc} is not in the allowlist")
 
 
@@ -374,55 +408,6 @@ def _decode_val(v: Any, symbols: _Symbols) -> Any:
     raise Unsupported(f"meta['val'] tag {tag}")
 
 
-# ------------------------------------------------------------------ input guards
-class InputGuards(nn.Module):
-    """Checks that input sizes agree as at export: the rebuilt form of an exported module's `_guards_fn`.
-
-    Each check is (input index, dim, other input index or None, other dim or a static size, message)."""
-
-    def __init__(self, checks: list[list[Any]]) -> None:
-        super().__init__()
-        self.checks = [tuple(c) for c in checks]
-        self._is_impure = True  # a call with no users, kept by dead-code elimination like torch's
-
-    def forward(self, *args: torch.Tensor) -> None:
-        for i, d, j, e, message in self.checks:
-            expected = e if j is None else args[j].size()[e]
-            torch._assert(args[i].size()[d] == expected, message)
-
-
-def _guard_checks(args: Iterable[Node], names: list[str]) -> list[list[Any]]:
-    """Equal-size and static-size checks between the guarded inputs, from their symbolic shapes."""
-    first: dict[str, tuple[int, int]] = {}
-    checks: list[list[Any]] = []
-    for i, node in enumerate(args):
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
-        for d, size in enumerate(val.shape):
-            expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
-            if isinstance(expr, sympy.Integer):
-                checks.append([i, d, None, int(expr), f"Guard failed: {names[i]}.size()[{d}] == {int(expr)}"])
-            elif isinstance(expr, sympy.Symbol):
-                if expr.name in first:
-                    j, e = first[expr.name]
-                    checks.append([i, d, j, e, f"Guard failed: {names[i]}.size()[{d}] == {names[j]}.size()[{e}]"])
-                else:
-                    first[expr.name] = (i, d)
-    return checks
-
-
-def _input_names(in_spec: pytree.TreeSpec, orig_args: list[str]) -> list[str]:
-    """How each flat input reads in guard messages: `input_ids`, `past[3]`."""
-    leaves = pytree.tree_unflatten([0] * in_spec.num_leaves, in_spec)
-    names = []
-    for path, _ in pytree.tree_flatten_with_path(leaves)[0]:
-        head, key, *rest = path
-        base = orig_args[key.idx] if head.idx == 0 else key.key  # type: ignore[attr-defined]  # args, then kwargs
-        names.append(base + pytree.keystr(tuple(rest)))
-    return names
-
-
 # ------------------------------------------------------------------ dump
 def _tensor_paths(root: nn.Module) -> dict[int, str]:
     paths: dict[int, str] = {}
@@ -435,6 +420,24 @@ def _resolve(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _dump_guards(gm: GraphModule, node: Node) -> dict[str, Any]:
+    """The guards module's checks as trees (`garage._guards`), from the source torch generated for it."""
+    module = _resolve(gm, str(node.target))
+    source = getattr(module, GUARD_SOURCE, None)
+    if type(module).__name__ != "GuardsFn" or node.users or source is None:
+        raise Unsupported(f"call_module {node.target} ({type(module).__name__})")
+    code, paths = source
+    placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    if [getattr(a, "name", None) for a in node.args] != placeholders or len(paths) != len(placeholders):
+        raise Unsupported("a guards module that does not take every input")
+    inputs = {path: i for i, path in enumerate(paths)}
+    try:
+        checks = [[_guards.parse(line, inputs), _guards.message(line)] for line in code]
+    except (SyntaxError, _guards.GuardSyntax) as err:
+        raise Unsupported(str(err)) from None
+    return {"inputs": len(paths), "checks": checks}
 
 
 def _dump_graph(gm: GraphModule, root_paths: dict[int, str], tensors: dict[str, torch.Tensor],
@@ -481,15 +484,7 @@ def _dump_graph(gm: GraphModule, root_paths: dict[int, str], tensors: dict[str, 
             else:
                 raise Unsupported(f"get_attr {node.target} of type {type(obj).__name__}")
         if node.op == "call_module":
-            module = _resolve(gm, node.target)
-            if type(module).__name__ != "GuardsFn" or node.users:
-                raise Unsupported(f"call_module {node.target} ({type(module).__name__})")
-            if pytree_info is None or pytree_info["in_spec"] is None:
-                raise Unsupported("a guards module without an input spec")
-            names = _input_names(codegen.pytree_info.in_spec, list(codegen.pytree_info.orig_args))  # type: ignore[attr-defined]
-            placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-            names = [names[placeholders.index(a.name)] for a in node.args]
-            guards[node.target] = _guard_checks(node.args, names)
+            guards[node.target] = _dump_guards(gm, node)
         elif node.op not in ("placeholder", "get_attr", "call_function", "output"):
             raise Unsupported(f"node op {node.op}")
         if node.args:
@@ -548,18 +543,46 @@ def dump(gm: GraphModule, root: nn.Module) -> tuple[dict[str, Any], dict[str, to
 
 
 # ------------------------------------------------------------------ load
-_TARGET = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+def _identifier(name: Any) -> str:
+    """A name that torch.fx pastes into the code it generates (an input, a node, a keyword argument): a
+    Python identifier that is not a keyword or a dunder, so nothing else can reach the code."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or (
+            name.startswith("__") and name.endswith("__")):
+        raise Unsupported(f"name {name!r} is not a plain identifier")
+    return name
 
 
 def _check_target(target: Any) -> str:
-    """An attribute path a cached graph may create on its GraphModule: dotted identifiers, no dunders."""
-    if not isinstance(target, str) or not _TARGET.fullmatch(target) or any(
-            p.startswith("__") or p in _RESERVED for p in target.split(".")):
+    """An attribute path a cached graph may create on its GraphModule: dotted identifiers or indices, none
+    a dunder or a GraphModule attribute."""
+    if not isinstance(target, str):
         raise Unsupported(f"attribute target {target!r}")
+    for part in target.split("."):
+        if not part.isdigit():
+            _identifier(part)
+        if part.startswith("__") or part in _RESERVED:
+            raise Unsupported(f"attribute target {target!r}")
     return target
 
 
 _RESERVED = frozenset(dir(GraphModule))  # forward, graph, code, training, …
+
+
+def _check_in_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """An input spec of tuples, lists and dicts keyed by identifiers: its dict keys are pasted into the
+    generated `forward`."""
+    todo = [spec]
+    while todo:
+        node = todo.pop()
+        if node.type is None:
+            continue
+        if node.type not in (tuple, list, dict):
+            raise Unsupported(f"input spec node of type {node.type}")
+        if node.type is dict:
+            for key in node.context:
+                _identifier(key)
+        todo.extend(node.child(i) for i in range(node.num_children))
+    return spec
 
 
 def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_tensors: dict[str, torch.Tensor],
@@ -569,10 +592,11 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
     graph = Graph()
     pytree_info = desc["pytree"]
     if pytree_info is not None:
-        in_spec = pytree.treespec_loads(pytree_info["in_spec"]) if pytree_info["in_spec"] else None
+        in_spec = _check_in_spec(pytree.treespec_loads(pytree_info["in_spec"])) if pytree_info["in_spec"] else None
         out_spec = pytree.treespec_loads(pytree_info["out_spec"]) if pytree_info["out_spec"] else None
+        orig_args = [_identifier(name) for name in pytree_info["orig_args"]]
         graph._codegen = torch.fx.graph._PyTreeCodeGen(
-            torch.fx.graph._PyTreeInfo(pytree_info["orig_args"], in_spec, out_spec))  # type: ignore[arg-type]
+            torch.fx.graph._PyTreeInfo(orig_args, in_spec, out_spec))  # type: ignore[arg-type]
 
     owners: dict[str, Any] = {}
     for target, attr in desc["attrs"].items():
@@ -592,7 +616,8 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
             if attr["kind"] == "parameter":
                 t = nn.Parameter(t, requires_grad=attr["requires_grad"])
         owners[target] = t
-    for target, checks in desc["guards"].items():
+    for target, guards in desc["guards"].items():
+        checks = [(_guards.check(tree, guards["inputs"]), str(text)) for tree, text in guards["checks"]]
         owners[_check_target(target)] = InputGuards(checks)
 
     stacks = [{k: (path, ty) for k, path, ty in stack} for stack in desc["stacks"]]
@@ -604,14 +629,16 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
         elif op in ("get_attr", "call_module"):
             if target not in owners:
                 raise Unsupported(f"{op} of an undeclared attribute {target!r}")
-        elif op not in ("placeholder", "output") or not isinstance(target, str):
+        elif op == "placeholder" and not entry.get("args") and not entry.get("kwargs"):
+            target = _identifier(target)
+        elif op != "output":
             raise Unsupported(f"node op {op}")
         args = tuple(_decode_arg(a, nodes) for a in entry.get("args", ()))
-        kwargs = {k: _decode_arg(v, nodes) for k, v in entry.get("kwargs", {}).items()}
+        kwargs = {_identifier(k): _decode_arg(v, nodes) for k, v in entry.get("kwargs", {}).items()}
         if op == "output":
             node = graph.output(args[0] if args else None)
         else:
-            node = graph.create_node(op, target, args, kwargs, name=entry["name"])
+            node = graph.create_node(op, target, args, kwargs, name=_identifier(entry["name"]))
         if node.name != entry["name"]:
             raise Unsupported(f"node {entry['name']} was renamed {node.name}")
         if "stack" in entry:
@@ -620,7 +647,7 @@ def _load_graph(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root_ten
             node.meta["val"] = _decode_val(entry["val"], symbols)
         nodes[entry["name"]] = node
 
-    gm = _LazyGraphModule(owners, graph, class_name=desc["class_name"])
+    gm = _LazyGraphModule(owners, graph, class_name=_identifier(desc["class_name"]))
     if pytree_info is not None:
         info = graph._codegen.pytree_info  # type: ignore[attr-defined]
         gm._in_spec, gm._out_spec = info.in_spec, info.out_spec
@@ -644,18 +671,23 @@ def load(desc: dict[str, Any], tensors: dict[str, torch.Tensor], root: nn.Module
     return _load_graph(desc["graph"], tensors, root_tensors, symbols)
 
 
-def save(path: str, desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """`path`.json and `path`.safetensors."""
-    with open(f"{path}.json", "w", encoding="utf-8") as f:
+JSON, TENSORS = "graph.json", "graph.safetensors"  # an entry's files
+
+
+def save(folder: str, desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The graph's two files in `folder`."""
+    with open(os.path.join(folder, JSON), "w", encoding="utf-8") as f:
         json.dump(desc, f, separators=(",", ":"), allow_nan=False)
-    save_file(tensors, f"{path}.safetensors")
+    save_file(tensors, os.path.join(folder, TENSORS))
 
 
-def read(path: str, device: str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """What `save` wrote (safetensors never unpickles)."""
-    with open(f"{path}.json", encoding="utf-8") as f:
-        desc = json.load(f)
-    return desc, load_file(f"{path}.safetensors", device=device)
+def parse(files: dict[str, bytes], device: str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What `save` wrote, from the bytes of its files (read and authenticated once by the caller; safetensors
+    never unpickles)."""
+    desc = json.loads(files[JSON])
+    if not isinstance(desc, dict):
+        raise Unsupported("the description is not a JSON object")
+    return desc, {name: t.to(device) for name, t in safetensors_load(files[TENSORS]).items()}
 
 
-__all__ = ["CacheMismatch", "InputGuards", "Unsupported", "dump", "load", "read", "save"]
+__all__ = ["CacheMismatch", "GUARD_SOURCE", "Unsupported", "dump", "load", "parse", "save"]

@@ -23,6 +23,8 @@ from .plan.build_ops import at_site
 from .plan.prepare import sites_named
 from .plan.resolve import ConcreteSite
 from .runtime.hooks import HookSet, attach
+from .runtime.injected import InjectedModel
+from .runtime.sampling import Generation
 
 Inputs = Union[Mapping[str, torch.Tensor], torch.Tensor]  # tokenizer output, or input_ids alone
 
@@ -158,6 +160,21 @@ def _per_token(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is not None and h.shape[:-1] in (mask.shape, (mask.numel(),)):
         h = h[mask.reshape(h.shape[:-1]).bool()]
     return h.float().reshape(-1, h.shape[-1])
+
+
+@torch.no_grad()
+def generations(injected: InjectedModel, inputs: Inputs, seed: int = 0, **options: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model generates with the spec and without it, from the same prompt, options and seed: one
+    request (`garage.runtime.sampling`), so `--sample --compare` draws both with the same sampler."""
+    given = _inputs(inputs)
+    ids, mask = given["input_ids"], given.get("attention_mask")
+    torch.manual_seed(seed)
+    steered = injected.generate(ids, attention_mask=mask, **options)
+    request = Generation.resolve(getattr(injected.model, "generation_config", None), **options)
+    torch.manual_seed(seed)
+    plain = getattr(injected.model, "generate")(ids, attention_mask=mask, **request.generate_kwargs())
+    return steered, plain
 
 
 def _has_final(model: nn.Module) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ._version import __version__
 from .analyze import capture
-from .plan.archs import ModelInfo, model_config
+from .plan.archs import ModelInfo, config_hash, model_config
 from .plan.files import FileProblem, load_tensor
 from .vectors import one_site, states
 
@@ -42,13 +42,6 @@ class BladeFile:
         """Write the blade as safetensors (tensor "blade", with the metadata); returns the path."""
         save_file({KEY: self.tensor.detach().float().contiguous().cpu()}, os.fspath(path), metadata=self.metadata)
         return os.fspath(path)
-
-
-def config_hash(model: nn.Module) -> str:
-    """A short hash of the model's whole config: two models of one architecture and size share it."""
-    config = model_config(model)
-    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def source_name(model: nn.Module) -> str:
@@ -92,7 +85,7 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
     text = "\n".join(prompts)
     metadata = {
         "kind": "blade", "model_type": info.model_type, "source": source or source_name(model),
-        "config_hash": config_hash(model), "weights": info.fingerprint, "hidden_size": str(tensor.shape[-1]),
+        "config_hash": config_hash(model)[:16], "weights": info.fingerprint, "hidden_size": str(tensor.shape[-1]),
         "site": where.label, "site_kind": where.kind, "layer": "" if where.layer is None else str(where.layer),
         "num_layers": str(info.num_layers),
         "depth": "" if where.layer is None else f"{where.layer / info.num_layers:.4f}",

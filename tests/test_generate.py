@@ -55,6 +55,42 @@ def test_greedy_tokens_equal_model_generate_with_hooks(name):
     assert not torch.equal(out, plain)
 
 
+def scaled_block(model, layer: int, factor: float):
+    """The test's own hook: block `layer`'s output times `factor`."""
+    def hook(_module, _args, out):
+        return (out[0] * factor, *out[1:]) if isinstance(out, tuple) else out * factor
+
+    return model.model.layers[layer].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_p": 0.9}, {"top_k": 5, "repetition_penalty": 1.3}],
+                         ids=["config-defaults", "temperature-top-p", "top-k-penalty"])
+def test_sampled_tokens_equal_model_generate_from_one_seed(options):
+    """One sampler on every path: unset options come from the generation config and transformers' defaults
+    (top-k 50), and the draws follow model.generate's exactly, seed for seed."""
+    model = never_stopping("llama")
+    ids, mask = prompt(seed=5)
+    injected, empty = garage.compile(model, "at h.1 scale 1.5"), garage.compile(model, "")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        got = injected.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, **options)
+        handle = scaled_block(model, 1, 1.5)
+        try:
+            torch.manual_seed(seed)
+            want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, **options)
+        finally:
+            handle.remove()
+        assert torch.equal(got, want)
+        torch.manual_seed(seed)
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, **options)
+        torch.manual_seed(seed)
+        assert torch.equal(empty.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, **options), plain)
+        steered, baseline = garage.analyze.generations(empty, {"input_ids": ids, "attention_mask": mask}, seed=seed,
+                                                       max_new_tokens=12, do_sample=True, **options)
+        assert torch.equal(steered, baseline)  # `garage run --sample --compare`: one sampler on both sides
+    assert not torch.equal(got, plain)
+
+
 def test_new_positions_leave_the_prompt_alone():
     model = never_stopping("llama")
     ids, mask = prompt()
@@ -160,7 +196,7 @@ def test_aot_inductor_package_loads_and_matches(tmp_path):
     injected = garage.compile(model, "at h.1 scale 0.5; at h.2[last] add v", bind={"v": torch.randn(64)})
     path = injected.package(tmp_path / "steered_aoti.pt2")
     ids, mask = prompt()
-    compiled = garage.load_artifact(path)
+    compiled = garage.load_artifact(path, native=True)  # our own package: compiled code we built
     assert torch.allclose(compiled(input_ids=ids, attention_mask=mask), injected(input_ids=ids, attention_mask=mask).logits,
                           atol=1e-5)
 

@@ -17,6 +17,7 @@ from test_reference import module as reference_module
 from zoo import tiny_model
 
 import garage
+from garage.fx.kinds import Unpadded
 from garage.lang.diagnostics import SpecError, ValidationError
 
 PAIRS = ["llama", "qwen2", "gpt2"]  # source and target of one architecture, with other weights
@@ -87,7 +88,7 @@ def test_a_live_gated_blade_equals_the_two_model_reference(name):
         got = injected(input_ids=ids).logits
         want = reference_logits(target, source, name, 2, 2, ids, full, 0.3, gate=(weight, bias))
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert ("unpadded" in injected._graphs) == (name != "qwen2")  # qwen2 has sliding-window layers
+    assert (Unpadded() in injected.backend._graphs) == (name != "qwen2")  # qwen2 has sliding-window layers
 
 
 def test_project_linear_brings_a_wider_source_to_the_target_width():
@@ -125,7 +126,7 @@ def test_only_the_source_layers_up_to_k_are_in_the_graph_and_its_weights_are_sha
     injected(input_ids=ids, attention_mask=mask)
     injected.generate(ids, attention_mask=mask, max_new_tokens=2)
     own = {p.data_ptr() for p in source.parameters()}
-    for kind, rewritten in injected._graphs.items():
+    for kind, rewritten in injected.backend._graphs.items():
         layers, targets = _source_layers(rewritten.graph_module)
         assert layers == {0, 1}, kind
         assert not [t for t in targets if "lm_head" in t or t.endswith("model.norm.weight")], kind

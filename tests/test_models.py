@@ -54,11 +54,15 @@ def test_a_damaged_gguf_is_named_with_the_reinstall_command(nowhere, monkeypatch
     assert "cannot load smollm2 from" in err and "Traceback" not in err
 
 
-def test_a_dequantized_copy_in_the_cache_is_preferred_to_the_wheel(nowhere, monkeypatch):
+def test_a_sealed_dequantized_copy_in_the_cache_is_preferred_to_the_wheel(nowhere, monkeypatch):
     folder = _cache.entry("models", models.SMOLLM2_CACHE)
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
+    with _cache.writing(folder) as tmp:
+        (tmp / "config.json").write_text("{}")
     assert models._smollm2_location() == (str(folder), True)
+    (folder / "config.json").write_text('{"torch_dtype": "float16"}')  # not what was sealed
+    with pytest.raises(ValueError, match="pip install"):  # deleted, not loaded; and nothing else is installed
+        models._smollm2_location()
+    assert not folder.exists()
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):

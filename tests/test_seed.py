@@ -352,6 +352,10 @@ def test_self_debate_takes_the_seeds_parameters():
     assert debate.site.module_path == "transformer.h.3" and debate.chamber.views == "noise"
     with pytest.raises(ValueError, match="layer_name_template 'decoder.{}' gives 'decoder.3'"):
         SelfDebate(model, layer_idx=3, layer_name_template="decoder.{}")
+    seed_form = SelfDebate(model, layer_idx=5, layer_name_template="transformer.h.{idx}")  # the seed formats idx=
+    assert seed_form.site.module_path == "transformer.h.5"
+    with pytest.raises(ValueError, match=r"write the block index as \{idx\} or \{\}"):
+        SelfDebate(model, layer_idx=3, layer_name_template="transformer.h.{layer}")
     with pytest.raises(ValueError, match="dropout, perturbation or projection"):
         SelfDebate(model, divergence_method="shuffle")
 

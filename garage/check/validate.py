@@ -13,22 +13,14 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from torch import nn
-from torch.fx import GraphModule
 
-from ..fx.export import (
-    EXAMPLE_BATCH,
-    EXAMPLE_SEQ,
-    Static,
-    TraceFailure,
-    fallback_warning,
-    specialises,
-    static_warning,
-    trace_diagnostic,
-)
-from ..fx.fuse import splicer
+from ..fx import store
+from ..fx.export import TraceFailure
+from ..fx.fuse import injected
+from ..fx.kinds import GraphKind
 from ..fx.locate import HiddenShape, SiteNotFound
-from ..fx.rewrite import Rewritten, inject, site_location
-from ..fx.steps import GraphKey, checked_kinds, graph_of, placement
+from ..fx.rewrite import Rewritten, site_location
+from ..fx.store import trace_diagnostic
 from ..lang.diagnostics import Diagnostic, Problem, Severity, ValidationError, render
 from ..plan.prepare import Prepared, SpecLike, prepare
 from .lints import (
@@ -69,7 +61,7 @@ class Validated:
     """What validation found, and the injected graphs it checked, by kind (none when it could not build one)."""
 
     report: Report
-    graphs: dict[GraphKey, Rewritten]
+    graphs: dict[GraphKind, Rewritten]
     cause: BaseException | None = None  # why the model could not be traced, kept for the raised error
 
 
@@ -78,46 +70,28 @@ def _diagnostic(prepared: Prepared, finding: Finding) -> Diagnostic:
     return prepared.spec.source.diagnostic(finding.step.span, finding.message, finding.hint, severity, finding.rule)
 
 
-def _checked_graph(model: nn.Module) -> tuple[GraphKey, GraphModule, TraceFailure | None]:
-    """The first graph of `checked_kinds` that traces, or the scoring graph of one shape when the model's
-    code fixes its sequence length (with that failure); a TraceFailure of the last when none traces."""
-    kinds = checked_kinds(model)
-    for kind in kinds[:-1]:
-        try:
-            return kind, graph_of(model, kind), None
-        except TraceFailure:  # e.g. a cache kind the step cannot hold: check on the scoring graph instead
-            continue
-    try:
-        return kinds[-1], graph_of(model, kinds[-1]), None
-    except TraceFailure as failure:
-        if not specialises(failure) or isinstance(kinds[-1], (str, Static)):
-            raise
-        static = Static(kinds[-1], EXAMPLE_BATCH, EXAMPLE_SEQ)
-        return static, graph_of(model, static), failure
-
-
-GraphChecks = tuple[list[Diagnostic], dict[GraphKey, Rewritten], BaseException | None]
+GraphChecks = tuple[list[Diagnostic], dict[GraphKind, Rewritten], BaseException | None]
 
 
 def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
     """Shape checks of user modules on fake values, then networkx checks of the rewritten graph (returned too).
 
-    A causal LM is checked on its generation step graph (see `fx.steps.checked_kinds`), anything else on
+    A causal LM is checked on its generation step graph (see `fx.store.checked_graph`), anything else on
     its scoring graph; both hold every site, so the findings are the same."""
     plan, source = prepared.plan, prepared.spec.source
     try:
-        kind, base, specialised = _checked_graph(model)
-    except TraceFailure as failure:  # not the spec's fault: it runs by hooks (a warning), unchecked in a graph
-        if failure.patched_forward:  # a wrapper's forward would run under the hooks too: refused, as before
-            return [trace_diagnostic(failure, source.filename)], {}, failure
-        return [fallback_warning(str(failure), source.filename, "scoring")], {}, None
-    prefix, position_inputs = placement(kind)
+        checked = store.checked_graph(model, source.filename)
+    except TraceFailure as failure:  # a wrapper's forward would run under hooks too: refused
+        return [trace_diagnostic(failure, source.filename)], {}, failure
+    out: list[Diagnostic] = [checked.warning] if checked.warning else []
+    if checked.kind is None or checked.value is None:  # not the spec's fault: it runs by hooks, unchecked in a graph
+        return out, {}, None
+    kind, base = checked.kind, checked.value
     hidden = plan.info.hidden_size
     nodes = {n.name: n for n in base.graph.nodes}
-    out: list[Diagnostic] = [static_warning(specialised, source.filename)] if specialised else []
     for step, module in zip(plan, prepared.modules):
         try:
-            location = site_location(base, step.site, hidden, prefix)
+            location = site_location(base, step.site, hidden, kind.prefix)
         except SiteNotFound as err:
             out.append(source.diagnostic(step.span, f"{step.site.label}: {err}", "name another site"))
             continue
@@ -134,11 +108,10 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
     if any(d.is_error for d in out) or len(modules) != len(prepared.modules):
         return out, {}, None
     try:
-        sources = splicer(modules, kind)
+        rewritten = injected(kind, base, [s.site for s in plan], modules, hidden)
     except (SiteNotFound, TraceFailure) as err:  # a live blade's source model, not the target
         return out + [Diagnostic("error", f"cannot place a live blade source model in the graph: {err}",
                                  source.filename, hint="take the blade from a file (garage blade extract)")], {}, None
-    rewritten = inject(base, [s.site for s in plan], modules, hidden, prefix, position_inputs, sources)
     findings = graph_findings(rewritten.graph_module, plan, {x.index: x.node for x in rewritten.inserted})
     return out + [_diagnostic(prepared, f) for f in dedupe(findings)], {kind: rewritten}, None
 

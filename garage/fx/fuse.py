@@ -21,8 +21,11 @@ from torch.fx import Graph, GraphModule, Node
 
 from .._compat import with_more_inputs
 from ..ops import innermost
-from .rewrite import Splicer, attribute, site_location
-from .steps import STEP_ARGS, GraphKey, graph_of, placement
+from ..plan.resolve import ConcreteSite
+from . import store
+from .kinds import GraphKind, Step
+from .rewrite import Rewritten, Splicer, attribute, inject, site_location
+from .steps import STEP_ARGS
 
 SOURCE_PREFIX = "garage_source_"
 
@@ -37,16 +40,16 @@ class SourceGraph:
     shared_inputs: int | None  # None: all of them
 
 
-def live_sources(modules: Sequence[nn.Module], kind: GraphKey) -> dict[int, SourceGraph]:
+def live_sources(modules: Sequence[nn.Module], kind: GraphKind) -> dict[int, SourceGraph]:
     """The source graph of each op that is a live blade, by op index (none for other ops)."""
     found: dict[int, SourceGraph] = {}
     for i, module in enumerate(modules):
         live = getattr(innermost(module), "live", None)
         if live is None:
             continue
-        base = graph_of(live.model, kind)
-        node = site_location(base, live.site, live.width, placement(kind)[0]).node
-        found[i] = SourceGraph(base, node, STEP_ARGS if kind == "step" else None)
+        base = store.graph(live.model, kind)
+        node = site_location(base, live.site, live.width, kind.prefix).node
+        found[i] = SourceGraph(base, node, STEP_ARGS if isinstance(kind, Step) else None)
     return found
 
 
@@ -101,10 +104,17 @@ def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, 
     return values, owners
 
 
-def splicer(modules: Sequence[nn.Module], kind: GraphKey) -> Splicer | None:
+def splicer(modules: Sequence[nn.Module], kind: GraphKind) -> Splicer | None:
     """What `rewrite.inject` needs to fuse the live sources among `modules` into a graph of this kind."""
     sources = live_sources(modules, kind)
     return functools.partial(splice, sources=sources) if sources else None
 
 
-__all__ = ["SOURCE_PREFIX", "SourceGraph", "live_sources", "splice", "splicer"]
+def injected(kind: GraphKind, base: GraphModule, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module],
+             hidden: int) -> Rewritten:
+    """`base`, a graph of this kind, with `modules[i]` applied at `sites[i]`, and any live blade sources
+    among them fused in."""
+    return inject(base, sites, modules, hidden, kind.prefix, kind.position_inputs, splicer(modules, kind))
+
+
+__all__ = ["SOURCE_PREFIX", "SourceGraph", "injected", "live_sources", "splice", "splicer"]

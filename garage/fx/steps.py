@@ -9,13 +9,13 @@ cache. Every layer keeps a full-length cache; a sliding window is enforced by th
 gives the same attention as a cropped cache. The unpadded scoring graph passes no mask, so transformers
 can call SDPA with `is_causal=True`.
 
-In each of these graphs the model sits under `STEP_PREFIX`, and each is exported once per model.
+In each of these graphs the model sits under `STEP_PREFIX`.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,19 +24,7 @@ from transformers import DynamicCache
 
 from .._compat import attn_implementation, flat_cache, mask_skipping_allowed, slot_cache
 from ..plan.archs import text_config
-from .export import (
-    SCORING,
-    Signature,
-    Static,
-    TraceFailure,
-    base_graph,
-    cache_kwarg,
-    cached_graph,
-    example_inputs,
-    exported,
-    model_device,
-)
-from .rewrite import POSITION_INPUTS
+from .export import TraceFailure, cache_kwarg, example_inputs, exported, model_device
 
 STEP_PREFIX = "model."  # these graphs wrap the model as `self.model`
 # What position-limited ops read in the step graph: its mask spans the whole cache, not the new tokens, so
@@ -135,40 +123,8 @@ def export_unpadded(model: nn.Module) -> GraphModule:
                         prefer_deferred_runtime_asserts_over_guards=True)
 
 
-STEP_EXPORTERS: dict[str, Callable[[nn.Module], GraphModule]] = {"step": export_step, "unpadded": export_unpadded}
-
-
-def step_graph(model: nn.Module, kind: str) -> GraphModule:
-    """The model's "step" or "unpadded" graph, exported on first use and cached."""
-    return cached_graph(model, kind, lambda: STEP_EXPORTERS[kind](model))
-
-
-GraphKey = Signature | str | Static  # a scoring input signature, "step" / "unpadded", or one static shape
-
-
-def graph_of(model: nn.Module, kind: GraphKey) -> GraphModule:
-    """The model's base graph of this kind: a scoring graph for an input signature (or one shape of it),
-    else a step graph."""
-    if isinstance(kind, Static):
-        return base_graph(model, kind.sig, (kind.batch, kind.seq))
-    return step_graph(model, kind) if isinstance(kind, str) else base_graph(model, kind)
-
-
-def placement(kind: GraphKey) -> tuple[str, tuple[str | None, ...]]:
-    """Where the model sits in a graph of this kind, and which graph inputs position-limited ops read."""
-    if kind == "step":
-        return STEP_PREFIX, STEP_INPUTS
-    return (STEP_PREFIX if kind == "unpadded" else ""), POSITION_INPUTS
-
-
 def can_generate(model: nn.Module) -> bool:
     return bool(getattr(model, "can_generate", lambda: False)())
-
-
-def checked_kinds(model: nn.Module) -> list[GraphKey]:
-    """The graphs a spec is checked on, in order of preference: for a causal LM the generation step (what
-    `garage run` needs first, so that checking costs no extra export), else the scoring graph."""
-    return ["step", SCORING] if can_generate(model) else [SCORING]
 
 
 def unpadded_possible(model: nn.Module) -> bool:

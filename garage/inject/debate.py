@@ -2,7 +2,8 @@
 
 The seed's parameters are kept: `divergence_method` (`dropout`, `perturbation` (the language's `noise`)
 or `projection`), `divergence_strength`, `reconciliation_method` (`average`, `confidence`, `gated`) and
-`layer_name_template` (e.g. "transformer.h.{}"; default: the block list discovery finds).
+`layer_name_template` (e.g. "transformer.h.{idx}", the seed's form, or "transformer.h.{}"; default: the block
+list discovery finds).
 
 Its views differ in eval mode too, unlike the seed's, whose dropout views did nothing under `model.eval()`
 (the guide's own example changed no output): a chamber exists to compare two different views. The
@@ -120,7 +121,11 @@ class SelfDebate:
     def _site(self, template: str | None) -> ConcreteSite:
         if template is None:
             return ConcreteSite("out", self.layer_idx, self.info.block(self.layer_idx))
-        path = template.format(self.layer_idx)
+        try:  # the seed's own form is "transformer.h.{idx}" (formatted with idx=); "{}" works too
+            path = template.format(self.layer_idx, idx=self.layer_idx)
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"layer_name_template {template!r} cannot be filled in ({type(err).__name__}: {err}); "
+                             "write the block index as {idx} or {}, e.g. 'transformer.h.{idx}'") from None
         try:
             (site,) = sites_named(self.info, path)
         except GarageError as err:

@@ -11,6 +11,7 @@ time, so one row serves GPT2Model and GPT2LMHeadModel alike).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -58,6 +59,24 @@ def model_config(model: nn.Module) -> Any:
     if config is None:
         raise TypeError("garage needs a Hugging Face model (a module with a .config)")
     return config
+
+
+# Config fields that say where a model was loaded from or which version wrote it, not what it computes.
+PROVENANCE_FIELDS = frozenset({"_name_or_path", "transformers_version"})
+
+
+def config_hash(model: nn.Module) -> str:
+    """A hash of the model's whole config, sub-configs included, leaving out PROVENANCE_FIELDS: the same model
+    loaded from two places (a GGUF file and garage's copy of it) hashes the same."""
+    config = model_config(model)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else json.dumps(repr(config))
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in PROVENANCE_FIELDS}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    return hashlib.sha256(json.dumps(strip(json.loads(text)), sort_keys=True).encode()).hexdigest()
 
 
 def text_config(model: nn.Module) -> Any:

@@ -4,10 +4,16 @@
 logits tensor, so plain torch can run it (`torch.export.load(path).module()(input_ids=…, attention_mask=…)`)
 without transformers' output classes. The injected ops and their parameters are inside the program.
 `package` compiles it ahead of time with AOTInductor, where the machine has a C++ compiler.
+
+`load_artifact` reads shared files, so it runs no pickle: a `.pt2` whose entries would need it (torch's
+loader unpickles such entries with `weights_only=False`) is refused with an error naming the file and the
+entries, before torch reads it. An AOTInductor package is compiled machine code: loading one runs it, so
+it loads only when the caller says `native=True`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from typing import Any, Callable
@@ -15,8 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .._compat import aoti_compile_and_package, aoti_load_package
+from .._compat import aoti_compile_and_package, aoti_load_package, pt2_pickled_entries
 from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ
+from ..lang.diagnostics import Diagnostic, ValidationError
 
 
 class LogitsOnly(nn.Module):
@@ -50,14 +57,31 @@ def package(program: torch.export.ExportedProgram, path: str | os.PathLike[str])
     return aoti_compile_and_package(program, os.fspath(path))
 
 
-def is_aoti_package(path: str) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any("/aotinductor/" in name for name in archive.namelist())
+def _refused(path: str, why: str, hint: str) -> ValidationError:
+    return ValidationError([Diagnostic("error", f"garage will not load {path}: {why}", path, hint=hint)])
 
 
-def load_artifact(path: str | os.PathLike[str]) -> Callable[..., Any]:
-    """A callable `(input_ids=…, attention_mask=…) → logits` from a file written by `save` or `package`."""
+def load_artifact(path: str | os.PathLike[str], native: bool = False) -> Callable[..., Any]:
+    """A callable `(input_ids=…, attention_mask=…) → logits` from a file written by `save` or `package`.
+
+    The file is read once; a `.pt2` that would need pickle, or an AOTInductor package without
+    `native=True`, is a ValidationError naming the file."""
     path = os.fspath(path)
-    if is_aoti_package(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (OSError, zipfile.BadZipFile) as err:
+        raise _refused(path, f"it is not a readable .pt2 archive ({err})", "give a file written by inj.save") from None
+    if any("/aotinductor/" in name for name in archive.namelist()):
+        if not native:
+            raise _refused(path, "it is an AOTInductor package, compiled machine code that runs when loaded",
+                           "load only packages you built yourself: garage.load_artifact(path, native=True)")
         return aoti_load_package(path)
-    return torch.export.load(path).module()
+    pickled = pt2_pickled_entries(archive)
+    if pickled:
+        more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
+        raise _refused(path, f"loading it would unpickle code: {'; '.join(pickled[:3])}{more}",
+                       "save programs with garage's inj.save, which stores tensors without pickle; load a file you "
+                       "trust with torch.export.load yourself")
+    return torch.export.load(io.BytesIO(data)).module()

@@ -1,0 +1,57 @@
+"""`explain`: where each statement of a spec landed, as records and as an aligned table."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from torch import nn
+
+from ..fx.locate import HiddenShape
+from ..fx.rewrite import Rewritten
+from ..lang.formatter import format_op
+from ..ops import innermost
+from ..plan.resolve import Plan
+
+COLUMNS = ("line:col", "site", "module path", "shape", "fx node", "op")
+
+
+def rows(plan: Plan, graph: Rewritten | None) -> list[dict[str, Any]]:
+    """One record a statement and site: line, column, site, module path, shape, fx node, op. The fx nodes and
+    the shape of the site's value are those of `graph`; without one (the spec runs by hooks) they are
+    "(hook)" and "-"."""
+    if graph is None:
+        return [{"line": step.span.line, "column": step.span.column, "site": step.site.label,
+                 "module_path": step.site.module_path, "shape": "-", "node": "(hook)", "op": format_op(step.op)}
+                for step in plan]
+    nodes = {x.index: x.node for x in graph.inserted}
+    values = {n.name: n.meta.get("val") for n in graph.graph_module.graph.nodes}
+    sizes = HiddenShape.of(graph.graph_module.graph, plan.info.hidden_size)
+    return [{"line": step.span.line, "column": step.span.column, "site": step.site.label,
+             "module_path": step.site.module_path, "node": nodes.get(i, "-"), "op": format_op(step.op),
+             "shape": sizes.describe(values.get(nodes.get(i, "-")), step.site.head_count)}
+            for i, step in enumerate(plan)]
+
+
+def sources(plan: Plan, ops: Sequence[nn.Module]) -> list[str]:
+    """One line per live blade source: which of its blocks run in the graph."""
+    lines = []
+    for step, op in zip(plan, ops):
+        live = getattr(innermost(op), "live", None)
+        if live is not None:
+            site, blocks = live.site, live.metadata.get("num_layers", "?")
+            lines.append(f"{step.span.line}:{step.span.column} source {live.metadata.get('name', '')}: its "
+                         f"{site.label} ({site.module_path}), so blocks 0..{site.layer} of {blocks} run in this "
+                         f"graph, and not its later blocks or its head")
+    return lines
+
+
+def table(records: list[dict[str, Any]], notes: Iterable[str] = (), hooked: Iterable[str] = ()) -> str:
+    """The records as an aligned table, then the notes (live sources), then a line per use run by hooks."""
+    cells = [COLUMNS] + [(f"{r['line']}:{r['column']}", r["site"], r["module_path"], r["shape"], r["node"], r["op"])
+                         for r in records]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+    lines += list(notes)
+    lines += [f"{use}: by forward hooks on the eager model (garage cannot build its graph: see the warning)"
+              for use in hooked]
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The graph backend: a spec's ops run in injected fx graphs, one per graph kind, built on first use.
+
+It asks the graph store (`garage.fx.store`) for each base graph and places the same op modules in every
+graph it builds: a scoring graph per input signature (or per shape, for a model whose code fixes its
+length), the unpadded scoring graph, and the generation step. Where the store routes a use to hooks, or
+a graph's guards refuse an input, that use runs on the hook backend from then on, with the store's warning
+said once. Under torch.compile, each graph is compiled on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..fx import store
+from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, signature
+from ..fx.fuse import injected
+from ..fx.kinds import GraphKind, Scoring, Shape, Step, Unpadded
+from ..fx.locate import SiteNotFound
+from ..fx.rewrite import Rewritten
+from ..fx.steps import cache_shapes, unpadded_possible
+from ..lang.diagnostics import Diagnostic, ValidationError
+from ..ops import innermost
+from ..plan.resolve import Plan
+from .compiled import compiled
+from .decode import decode_loop
+from .hook_backend import HookBackend
+from .sampling import Generation
+
+Runner = Callable[..., Any]
+
+
+class GraphBackend:
+    """Scoring and generation through injected graphs, with the hook backend standing in per use."""
+
+    name = "graph"
+
+    def __init__(self, model: nn.Module, plan: Plan, ops: list[nn.Module], compile_options: dict[str, Any] | None,
+                 warn: Callable[[Diagnostic], None], graphs: dict[GraphKind, Rewritten]) -> None:
+        """`graphs` holds the injected graphs the checker already built (they are not built again)."""
+        self.model, self.plan, self.ops = model, plan, ops
+        self.hooks = HookBackend(model, [s.site for s in plan], ops)
+        self.fallbacks: dict[str, Diagnostic] = {}  # "scoring" / "generation" → why it runs by hooks
+        self._compile, self._warn = compile_options, warn
+        self._graphs = dict(graphs)
+        self._runners: dict[GraphKind, Runner] = {}
+        self._token: Runner | None = None
+        self._sources = [live.model for m in ops if (live := getattr(innermost(m), "live", None)) is not None]
+        self._causal_path = all(unpadded_possible(m) for m in [model, *self._sources])
+
+    # ------------------------------------------------------------------ graphs
+    def _place(self, kind: GraphKind, base: torch.fx.GraphModule) -> Rewritten:
+        if kind not in self._graphs:
+            self._graphs[kind] = injected(kind, base, [s.site for s in self.plan], self.ops, self.plan.info.hidden_size)
+        return self._graphs[kind]
+
+    def graph(self, kind: GraphKind) -> Rewritten:
+        """The injected graph of this kind, with nothing standing in: a ValidationError says why it cannot be built."""
+        try:
+            return self._graphs[kind] if kind in self._graphs else self._place(kind, store.graph(self.model, kind))
+        except SiteNotFound as err:
+            raise self._unplaceable(kind, err) from None
+        except TraceFailure as failure:
+            raise ValidationError([store.trace_diagnostic(failure, self.plan.spec.filename, kind.key)]) \
+                from failure.__cause__
+
+    def _unplaceable(self, kind: GraphKind, err: SiteNotFound) -> ValidationError:
+        return ValidationError([Diagnostic("error", f"cannot place the spec in the {kind.use} graph: {err}",
+                                           self.plan.spec.filename, hint="name another site")])
+
+    def explained(self) -> Rewritten | None:
+        """The graph `explain` reads: the one the spec was checked on, else the scoring graph; None by hooks."""
+        if not self._graphs and self._runner("scoring", Scoring()) is None:
+            return None
+        return next(iter(self._graphs.values()))
+
+    def _runner(self, use: str, kind: GraphKind, shape: Shape = (EXAMPLE_BATCH, EXAMPLE_SEQ)
+                ) -> tuple[GraphKind, Runner] | None:
+        """The kind that serves this use and its runner (compiled when asked), as the store routes it; None
+        when the use runs by hooks."""
+        if use in self.fallbacks:
+            return None
+        try:
+            route = store.route(self.model, kind, self._place, self.plan.spec.filename, shape)
+        except SiteNotFound as err:
+            raise self._unplaceable(kind, err) from None
+        except TraceFailure as failure:  # a model whose forward another library replaced
+            raise ValidationError([store.trace_diagnostic(failure, self.plan.spec.filename)]) from failure.__cause__
+        if route.kind is None:
+            self._fall_back(use, route.warning)
+            return None
+        if route.warning is not None:
+            self._warn(route.warning)
+        if route.kind not in self._runners:
+            self._runners[route.kind] = self._compiled(route.kind, "step" if isinstance(route.kind, Step) else "scoring")
+        return route.kind, self._runners[route.kind]
+
+    def _compiled(self, kind: GraphKind, how: str) -> Runner:
+        gm = self._graphs[kind].graph_module
+        return gm if self._compile is None else compiled(gm, how, self._compile)
+
+    def _fall_back(self, use: str, warning: Diagnostic | None) -> None:
+        if warning is None:
+            return
+        if self._sources:  # a live source's state exists only in the fused graph: hooks cannot stand in
+            raise ValidationError([Diagnostic("error", f"cannot build the {use} graph that a live blade source "
+                                              f"needs: {warning.message}", self.plan.spec.filename,
+                                              hint="take the blade from a file (garage blade extract)")])
+        self.fallbacks[use] = warning
+        self._warn(warning)
+
+    def _refused(self, use: str, err: AssertionError) -> None:
+        """A graph's guards refused this input: the use runs by hooks from now on (any other error is raised)."""
+        self._fall_back(use, store.refused(err, use, self.plan.spec.filename).warning)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, inputs: dict[str, torch.Tensor]) -> Any:
+        shape = (int(inputs["input_ids"].shape[0]), int(inputs["input_ids"].shape[1]))
+        found = None
+        if self._unpadded(inputs):  # no padding: SDPA's causal path, with no mask materialized
+            found = self._runner("scoring", Unpadded(), shape)
+            if found is None or not isinstance(found[0], Unpadded):
+                self._causal_path = False  # the padded graph (or hooks) serves unpadded batches too
+                found = None
+        if found is None:
+            inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+            found = self._runner("scoring", Scoring(signature(inputs)), shape)
+        if found is not None:
+            try:
+                return found[1](input_ids=inputs["input_ids"]) if isinstance(found[0], Unpadded) else found[1](**inputs)
+            except AssertionError as err:
+                self._refused("scoring", err)
+        inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        return self.hooks.score(inputs)
+
+    def _unpadded(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Whether this call can take the unpadded graph: only ids (and an all-ones mask), 2+ tokens.
+
+        Checking the mask reads it back (one sync), as transformers itself does before skipping a mask."""
+        if not self._causal_path or set(inputs) - {"input_ids", "attention_mask"} or inputs["input_ids"].shape[1] < 2:
+            return False
+        mask = inputs.get("attention_mask")
+        return mask is None or bool(mask.all())
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
+        found = self._runner("generation", Step())
+        if found is not None:
+            step = found[1]
+            try:
+                return decode_loop(step, self._token_runner(step), cache_shapes(self._graphs[Step()].graph_module),
+                                   input_ids, attention_mask, request, next(self.model.parameters()).dtype)
+            except AssertionError as err:
+                self._refused("generation", err)
+        return self.hooks.generate(input_ids, attention_mask, request)
+
+    def _token_runner(self, step: Runner) -> Runner:
+        """The step graph for one-token steps. Eager, it is the step runner itself. Under torch.compile it is
+        a second copy of the injected graph (dynamo caches compiled code per code object), so that the
+        prompt's shapes and the one-token shape never recompile each other."""
+        if self._token is None:
+            if self._compile is None:
+                self._token = step
+            else:
+                copy = injected(Step(), store.graph(self.model, Step()), [s.site for s in self.plan], self.ops,
+                                self.plan.info.hidden_size)
+                self._token = compiled(copy.graph_module, "token", self._compile)
+        return self._token

@@ -1,0 +1,41 @@
+"""The hook backend: the same op modules, run by forward hooks on the eager model for the duration of each
+call, so the model is left as it was.
+
+It is how a spec runs where the graph store says no graph can be built (a family whose forward needs
+static shapes, a cache kind the step graph cannot hold, layers that accelerate offloads to the CPU or
+disk), and what the graph backend hands a use to when it falls back. What is lost is said in a warning:
+no fx graph, no torch.compile, no `.pt2`. What is kept is every number: the ops are the objects the graph
+would hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..fx.export import scoring_config
+from ..plan.resolve import ConcreteSite
+from .hooks import attach
+from .sampling import Generation
+
+
+class HookBackend:
+    """Scoring and generation through hooks, attached for each call and removed after it."""
+
+    name = "hooks"
+
+    def __init__(self, model: nn.Module, sites: Sequence[ConcreteSite], ops: Sequence[nn.Module]) -> None:
+        self.model, self.sites, self.ops = model, list(sites), list(ops)
+
+    def score(self, inputs: dict[str, torch.Tensor]) -> Any:
+        with attach(self.model, self.sites, self.ops), scoring_config(self.model):
+            return self.model(**inputs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
+        """`model.generate` under the hooks: it resolves the request and chooses tokens as garage's own loop does."""
+        generate: Any = getattr(self.model, "generate")  # a GenerationMixin method, untyped through nn.Module
+        with attach(self.model, self.sites, self.ops):
+            return generate(input_ids, attention_mask=attention_mask, **request.generate_kwargs())
