@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from garage import _cache
 
 SPEC = "at h.6 scale 0.9\nat h.N-4 add v * 2"
 CHILD = r"""
@@ -63,15 +66,16 @@ def measure(model: str, cache: Path) -> dict[str, float]:
 
 
 def fresh_cache(shared_models: Path | None) -> Path:
-    """An empty cache folder, sharing the user's dequantized models (loading is not what is measured)."""
+    """An empty cache folder, sharing the user's dequantized models (loading is not what is measured), and
+    the key that sealed them, so they check out."""
     folder = Path(tempfile.mkdtemp(prefix="garage-first-use-"))
     if shared_models is not None and shared_models.is_dir():
         (folder / "models").symlink_to(shared_models, target_is_directory=True)
+        shutil.copy2(shared_models.parent / _cache.KEY, folder / _cache.KEY)
     return folder
 
 
 def main(models: list[str]) -> None:
-    from garage import _cache
     from garage.models import SMOLLM2, load_model_and_tokenizer, smollm2_available
 
     root = _cache.root()

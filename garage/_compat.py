@@ -162,6 +162,24 @@ def module_with_guard_source(program: torch.export.ExportedProgram, attribute: s
     return module
 
 
+@contextlib.contextmanager
+def stack_traces(keep: bool) -> Iterator[None]:
+    """Whether torch.export records a Python stack trace on every node (`torch.fx.config.do_not_emit_stack_traces`,
+    checked on torch 2.13). garage never reads them, and recording them is a tenth of a 30-layer export's time,
+    so they are kept only when debugging. If the flag goes, exports record them again: slower, not wrong."""
+    from torch.fx import config
+
+    saved = getattr(config, "do_not_emit_stack_traces", None)
+    if saved is None or keep:
+        yield
+        return
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = saved
+
+
 def is_guard_failure(err: BaseException) -> bool:
     """Whether an error from running an exported graph is one of its input guards refusing the input (the
     `Guard failed: …` AssertionError of torch's `_guards_fn`, and of garage's rebuilt guards), not a bug
@@ -316,6 +334,22 @@ def generation_defaults() -> dict[str, Any]:
 
     defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
     return dict(defaults()) if callable(defaults) else {}
+
+
+@functools.lru_cache(maxsize=1)
+def repetition_penalty_skips_padding() -> bool:
+    """Whether `model.generate` keeps the repetition penalty off left-padding tokens: transformers 5.24+
+    passes each row's padding length to `RepetitionPenaltyLogitsProcessor(prompt_ignore_length=tensor)`,
+    while 5.18 takes only an int there and passes none (checked on transformers 5.18, 5.24 and 5.25). Probed
+    by building one, so a release that changes it is followed; if the probe is wrong, sampled or greedy
+    tokens with a repetition penalty differ from model.generate's, and the sampling test fails."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    try:
+        RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0]))
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class SlotLayer(DynamicLayer):

@@ -350,10 +350,13 @@ class _ValEncoder:
     def __init__(self) -> None:
         self.exprs: dict[str, Any] = {}
         self.symbols: dict[str, list[int | None]] = {}
+        self._keys: dict[Any, str] = {}  # sympy prints slowly: each distinct expression is printed once
 
     def _expr(self, s: torch.SymInt | torch.SymBool | torch.SymFloat) -> str:
         expr = s.node.expr
-        key = str(expr)
+        key = self._keys.get(expr)
+        if key is None:
+            key = self._keys[expr] = str(expr)
         if key not in self.exprs:
             self.exprs[key] = _encode_expr(expr)
             env = s.node.shape_env
@@ -677,7 +680,7 @@ JSON, TENSORS = "graph.json", "graph.safetensors"  # an entry's files
 def save(folder: str, desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """The graph's two files in `folder`."""
     with open(os.path.join(folder, JSON), "w", encoding="utf-8") as f:
-        json.dump(desc, f, separators=(",", ":"), allow_nan=False)
+        f.write(json.dumps(desc, separators=(",", ":"), allow_nan=False))  # json.dump writes in small pieces: slow
     save_file(tensors, os.path.join(folder, TENSORS))
 
 

@@ -117,23 +117,6 @@ def test_every_graph_kind_round_trips_to_the_same_numbers(kind, cache):
             assert torch.equal(got, want)
 
 
-def test_a_fresh_process_loads_what_another_exported(cache):
-    script = (
-        "import logging, sys, torch, garage; logging.basicConfig(level=logging.INFO)\n"
-        "from garage.models import load_model_and_tokenizer\n"
-        "model, tok = load_model_and_tokenizer('tiny:llama')\n"
-        "ids = tok(['hello there', 'a b'], return_tensors='pt', padding=True)\n"
-        "inj = garage.compile(model, 'at h.3 scale 1.5')\n"
-        "out = inj.generate(ids.input_ids, attention_mask=ids.attention_mask, max_new_tokens=5)\n"
-        "print(out.tolist(), inj(**ids).logits.double().sum().item())\n"
-    )
-    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-            for _ in range(2)]
-    assert "exported the" in runs[0].stderr and "loaded the cached" not in runs[0].stderr
-    assert "exported the" not in runs[1].stderr and runs[1].stderr.count("loaded the cached") == 2
-    assert runs[0].stdout == runs[1].stdout
-
-
 def test_a_changed_model_or_version_is_exported_again(cache, monkeypatch):
     model = tiny_model("llama", seed=4)
     key = store.fingerprint(model, Step())
@@ -226,17 +209,26 @@ def test_concurrent_writers_leave_one_whole_entry(cache):
     assert store.read_entry(store.entry(models[3], Step()), models[3], Step()) is not None
 
 
-def test_processes_that_need_one_graph_export_it_once(cache):
+def test_processes_that_need_one_graph_export_it_once_and_compute_the_same(cache):
+    """Two fresh processes at once: one exports (holding the entry's lock), the other waits and loads."""
     script = (
-        "import logging, sys, garage; logging.basicConfig(level=logging.INFO)\n"
-        "from garage.models import load_model\n"
-        "garage.compile(load_model('tiny:llama'), 'at h.3 scale 1.5')\n"
+        "import logging, sys, torch, garage; logging.basicConfig(level=logging.INFO)\n"
+        "from garage.models import load_model_and_tokenizer\n"
+        "model, tok = load_model_and_tokenizer('tiny:llama')\n"
+        "ids = tok(['hello there', 'a b'], return_tensors='pt', padding=True)\n"
+        "inj = garage.compile(model, 'at h.3 scale 1.5')\n"
+        "out = inj.generate(ids.input_ids, attention_mask=ids.attention_mask, max_new_tokens=5)\n"
+        "print(out.tolist(), inj(**ids).logits.double().sum().item())\n"
     )
-    runs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    logs = [run.communicate()[1] for run in runs]
-    assert all(run.returncode == 0 for run in runs), logs
-    assert sum(log.count("exported the step graph") for log in logs) == 1  # the other waited on the lock
-    assert sum(log.count("loaded the cached step graph") for log in logs) == 1
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [run.communicate() for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err for _, err in results]
+    logs = [err for _, err in results]
+    for kind in ("step", "(('attention_mask', torch.int64), ('input_ids', torch.int64))"):
+        assert sum(log.count(f"exported the {kind} graph") for log in logs) == 1, logs  # the other waited
+        assert sum(log.count(f"loaded the cached {kind} graph") for log in logs) == 1, logs
+    assert results[0][0] == results[1][0]
 
 
 def test_writing_is_all_or_nothing(cache):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .._compat import module_with_guard_source
+from .._compat import module_with_guard_source, stack_traces
 from .._graph_format import GUARD_SOURCE
 from ..plan.archs import model_config, text_config
 
@@ -49,7 +50,8 @@ def exported(module: nn.Module, model: nn.Module, args: tuple, kwargs: dict[str,
     """`torch.export.export(module, …).module()` in non-strict mode; a failure is a TraceFailure (about
     `model`, the user's model inside `module`) that keeps torch's error as its cause."""
     try:
-        program = torch.export.export(module, args, kwargs, strict=False, **options)
+        with stack_traces(keep=bool(os.environ.get("GARAGE_DEBUG"))):
+            program = torch.export.export(module, args, kwargs, strict=False, **options)
     except Exception as err:  # the model's code, or a wrapper's, failed under export
         raise TraceFailure(model, err) from err
     return module_with_guard_source(program, GUARD_SOURCE)

@@ -63,7 +63,7 @@ class GraphBackend:
         except SiteNotFound as err:
             raise self._unplaceable(kind, err) from None
         except TraceFailure as failure:
-            raise ValidationError([store.trace_diagnostic(failure, self.plan.spec.filename, kind.key)]) \
+            raise ValidationError([store.trace_diagnostic(failure, self.plan.spec.filename, kind.use)]) \
                 from failure.__cause__
 
     def _unplaceable(self, kind: GraphKind, err: SiteNotFound) -> ValidationError:

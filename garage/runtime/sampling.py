@@ -13,7 +13,6 @@ draw the same tokens from the same seed.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,13 +20,13 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import logits_process as lp
 
-from .._compat import generation_defaults
+from .._compat import generation_defaults, repetition_penalty_skips_padding
 
 _Make = Callable[[Any, dict[str, Any]], Any]
 _Wanted = Callable[[Any], bool]
 # (generation config field, whether it is set, the processor) in transformers' order. `at` holds the prompt
 # length, the last position's index + 1 (max_length), the EOS ids, the device, and where each row's prompt
-# starts past its left padding (transformers 5.24+ passes it, so the repetition penalty skips pad tokens).
+# starts past its left padding (where transformers passes it, the repetition penalty skips pad tokens).
 _PROCESSORS: tuple[tuple[str, _Wanted, _Make], ...] = (
     ("repetition_penalty", lambda v: v not in (None, 1.0),
      lambda v, at: lp.RepetitionPenaltyLogitsProcessor(v, **at["unpadded"])),
@@ -55,9 +54,6 @@ _WARPERS: tuple[tuple[str, _Wanted, _Make], ...] = (
     ("eta_cutoff", lambda v: v is not None and 0.0 < v < 1.0,
      lambda v, at: lp.EtaLogitsWarper(epsilon=v, device=at["device"])),
 )
-
-
-_IGNORES_PADDING = "prompt_ignore_length" in inspect.signature(lp.RepetitionPenaltyLogitsProcessor).parameters
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,7 @@ class Generation:
         padding = (attention_mask != 0).int().argmax(dim=1)
         at = {"prompt": prompt_tokens, "max_length": prompt_tokens + self.max_new_tokens, "device": device,
               "eos": torch.tensor(self.eos, device=device) if self.eos else None,
-              "unpadded": {"prompt_ignore_length": padding} if _IGNORES_PADDING else {}}
+              "unpadded": {"prompt_ignore_length": padding} if repetition_penalty_skips_padding() else {}}
         table = _PROCESSORS + (_WARPERS if self.do_sample else ())
         return lp.LogitsProcessorList(
             make(self._field(name), at) for name, wanted, make in table
