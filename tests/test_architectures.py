@@ -165,6 +165,7 @@ def test_a_model_whose_code_fixes_its_length_is_traced_per_shape_and_generates_b
         with torch.no_grad():
             got = inj(input_ids=ids).logits
         assert torch.equal(got, under(mamba, "h", "backbone.layers.1", lambda: mamba(input_ids=ids).logits))
+    assert [w.rule for w in inj.warnings] == ["static-shapes"]  # said once, whatever the number of shapes
     with pytest.warns(garage.GarageWarning, match=r"generation graph.*\[hook-fallback\]"):
         inj.generate(batch["input_ids"], max_new_tokens=2)  # its SSM cache is not one the step graph holds
     assert list(inj.fallbacks) == ["generation"] and "generation: by forward hooks" in inj.explain()

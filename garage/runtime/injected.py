@@ -57,7 +57,9 @@ class InjectedModel(nn.Module):
         self.train(model.training)
 
     def _warn(self, warning: Diagnostic) -> None:
-        """Issue a warning found at run time, unless `compile` said one of its rule already."""
+        """Issue a warning found at run time, unless `compile` said one of its rule already; keep it once."""
+        if warning in self.warnings:  # a graph per shape: each new shape's route says the same again
+            return
         if not any(w.rule == warning.rule for w in self.warnings):
             python_warnings.warn(warning.render(), GarageWarning, stacklevel=6)
         self.warnings.append(warning)
