@@ -135,8 +135,8 @@ def _check(folder: Path, files: dict[str, bytes | Path]) -> bool:
     warning."""
     try:
         seal = files.pop(SEAL, b"")
-        text = (seal if isinstance(seal, bytes) else seal.read_bytes()).decode("ascii", "replace")
-        valid = hmac.compare_digest(text, _seal(folder, files))
+        found = seal if isinstance(seal, bytes) else seal.read_bytes()
+        valid = hmac.compare_digest(found, _seal(folder, files).encode())  # bytes: any content compares
     except OSError as err:
         log.warning("cannot read the cache entry %s (%s); making it again", folder, err)
         valid = False
@@ -154,11 +154,13 @@ def read(folder: Path | None) -> dict[str, bytes] | None:
     if folder is None or not folder.is_dir():
         return None
     try:
-        files: dict[str, bytes | Path] = {name: path.read_bytes() for name, path in _paths(folder).items()}
-    except OSError:
-        files = {}
-    return {name: content for name, content in files.items() if isinstance(content, bytes)} \
-        if _check(folder, files) else None
+        contents = {name: path.read_bytes() for name, path in _paths(folder).items()}
+    except OSError:  # unreadable: the seal check below fails on an empty entry, which is then deleted
+        contents = {}
+    if not _check(folder, dict(contents)):
+        return None
+    contents.pop(SEAL)
+    return contents
 
 
 def verified(folder: Path | None) -> bool:

@@ -232,7 +232,8 @@ def pt2_pickled_entries(archive: zipfile.ZipFile) -> list[str]:
     """What in a `torch.export.save` archive `torch.export.load` would unpickle with full pickle (which runs
     code): weights and constants flagged `use_pickle`, custom or opaque objects, legacy `.pt` weight files,
     the legacy (pre-2.8) archive layout, and sample inputs that torch's weights-only unpickler refuses
-    (torch then retries them with `weights_only=False`). An AOTInductor package is compiled code, listed too.
+    (torch then retries them with `weights_only=False`). A payload config this cannot read is listed too:
+    what it would have said is unknown.
 
     Reads the archive layout of `torch.export.pt2_archive` (its constants and payload configs) and the
     sample-inputs fallback of `torch._export.serde.serialize.deserialize_torch_artifact` (checked on torch
@@ -245,16 +246,17 @@ def pt2_pickled_entries(archive: zipfile.ZipFile) -> list[str]:
             "utf-8", "replace").strip() != c.ARCHIVE_FORMAT_VALUE:
         return ["the whole archive (not the pt2 archive format, or its legacy layout, which loads by pickle)"]
     for name, full in files.items():
-        if name.startswith(c.AOTINDUCTOR_DIR):
-            found.append(f"{name} (compiled AOTInductor code)")
-        elif name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and name.endswith(".pt"):
+        if name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and name.endswith(".pt"):
             found.append(f"{name} (a legacy pickled weights file)")
         elif name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and name.endswith("_config.json"):
-            config = json.loads(archive.read(full)).get("config", {})
-            for fqn, payload in config.items():
-                path = str(payload.get("path_name", ""))
-                if payload.get("use_pickle") or path.startswith((c.CUSTOM_OBJ_FILENAME_PREFIX,
-                                                                  c.OPAQUE_OBJ_FILENAME_PREFIX)):
+            try:
+                config = json.loads(archive.read(full))["config"]
+                payloads = [(fqn, str(p.get("path_name", "")), bool(p.get("use_pickle"))) for fqn, p in config.items()]
+            except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not a payload config
+                found.append(f"{name} (an unreadable payload config)")
+                continue
+            for fqn, path, use_pickle in payloads:
+                if use_pickle or path.startswith((c.CUSTOM_OBJ_FILENAME_PREFIX, c.OPAQUE_OBJ_FILENAME_PREFIX)):
                     found.append(f"{name}: {fqn} (stored by pickle)")
         elif name.startswith(c.SAMPLE_INPUTS_DIR):
             try:

@@ -243,3 +243,14 @@ def test_writing_is_all_or_nothing(cache):
             (other / "a").write_text("second")
     assert (target / "a").read_text() == "second" and len(list((cache / "graphs").iterdir())) == 1
     assert _cache.read(target) == {"a": b"second"}  # sealed as a whole
+
+
+@pytest.mark.parametrize("seal", [b"", b"0" * 64, b"\xff\xfe not even ascii"], ids=["empty", "wrong", "binary"])
+def test_an_entry_with_a_bad_seal_is_deleted_not_read(seal, cache, caplog):
+    target = _cache.entry("graphs", "y")
+    with _cache.writing(target) as tmp:
+        (tmp / "a").write_text("content")
+    (target / _cache.SEAL).write_bytes(seal)
+    with caplog.at_level(logging.WARNING, logger="garage"):
+        assert _cache.read(target) is None
+    assert not target.exists() and "is not sealed by this cache's key" in caplog.text

@@ -246,6 +246,18 @@ def test_a_hostile_pt2_is_refused_before_anything_is_unpickled(attack, saved, tm
     assert marker.exists()
 
 
+@pytest.mark.parametrize(("part", "content", "says"), [
+    ("_weights_config.json", b"{not json", "an unreadable payload config"),
+    ("_weights_config.json", b"[1, 2]", "an unreadable payload config"),
+    ("/models/model.json", b"{]", "torch cannot read the program"),
+], ids=["garbled-config", "config-not-an-object", "garbled-program"])
+def test_a_damaged_pt2_is_a_diagnostic_naming_the_file(part, content, says, saved, tmp_path):
+    damaged = rewritten(saved, tmp_path / "damaged.pt2", lambda name, data: content if name.endswith(part) else data)
+    with pytest.raises(ValidationError, match=says) as err:
+        garage.load_artifact(damaged)
+    assert str(err.value).startswith(f"{damaged}: error: garage will not load {damaged}")
+
+
 def test_a_saved_program_still_loads_and_an_aoti_package_needs_consent(saved, tmp_path):
     program = garage.load_artifact(saved)
     ids = torch.randint(0, 100, (2, 5))

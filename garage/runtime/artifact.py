@@ -81,7 +81,11 @@ def load_artifact(path: str | os.PathLike[str], native: bool = False) -> Callabl
     pickled = pt2_pickled_entries(archive)
     if pickled:
         more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
-        raise _refused(path, f"loading it would unpickle code: {'; '.join(pickled[:3])}{more}",
+        raise _refused(path, f"loading it could unpickle code: {'; '.join(pickled[:3])}{more}",
                        "save programs with garage's inj.save, which stores tensors without pickle; load a file you "
                        "trust with torch.export.load yourself")
-    return torch.export.load(io.BytesIO(data)).module()
+    try:
+        return torch.export.load(io.BytesIO(data)).module()
+    except Exception as err:  # a damaged program (nothing in it is unpickled with full pickle: checked above)
+        raise _refused(path, f"torch cannot read the program in it ({type(err).__name__}: {err})",
+                       "give a file written by inj.save with this torch version") from None

@@ -17,7 +17,7 @@ from torch import nn
 from ..fx import store
 from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, signature
 from ..fx.fuse import injected
-from ..fx.kinds import GraphKind, Scoring, Shape, Step, Unpadded
+from ..fx.kinds import GraphKind, Scoring, Shape, Static, Step, Unpadded
 from ..fx.locate import SiteNotFound
 from ..fx.rewrite import Rewritten
 from ..fx.steps import cache_shapes, unpadded_possible
@@ -41,19 +41,24 @@ class GraphBackend:
                  warn: Callable[[Diagnostic], None], graphs: dict[GraphKind, Rewritten]) -> None:
         """`graphs` holds the injected graphs the checker already built (they are not built again)."""
         self.model, self.plan, self.ops = model, plan, ops
-        self.hooks = HookBackend(model, [s.site for s in plan], ops)
+        self._sites = [s.site for s in plan]
+        self.hooks = HookBackend(model, self._sites, ops)
         self.fallbacks: dict[str, Diagnostic] = {}  # "scoring" / "generation" → why it runs by hooks
         self._compile, self._warn = compile_options, warn
         self._graphs = dict(graphs)
         self._runners: dict[GraphKind, Runner] = {}
+        self._served: dict[tuple[GraphKind, Shape | None], GraphKind] = {}  # asked → the kind the store routed to
         self._token: Runner | None = None
         self._sources = [live.model for m in ops if (live := getattr(innermost(m), "live", None)) is not None]
         self._causal_path = all(unpadded_possible(m) for m in [model, *self._sources])
 
     # ------------------------------------------------------------------ graphs
+    def _inject(self, kind: GraphKind, base: torch.fx.GraphModule) -> Rewritten:
+        return injected(kind, base, self._sites, self.ops, self.plan.info.hidden_size)
+
     def _place(self, kind: GraphKind, base: torch.fx.GraphModule) -> Rewritten:
         if kind not in self._graphs:
-            self._graphs[kind] = injected(kind, base, [s.site for s in self.plan], self.ops, self.plan.info.hidden_size)
+            self._graphs[kind] = self._inject(kind, base)
         return self._graphs[kind]
 
     def graph(self, kind: GraphKind) -> Rewritten:
@@ -79,9 +84,13 @@ class GraphBackend:
     def _runner(self, use: str, kind: GraphKind, shape: Shape = (EXAMPLE_BATCH, EXAMPLE_SEQ)
                 ) -> tuple[GraphKind, Runner] | None:
         """The kind that serves this use and its runner (compiled when asked), as the store routes it; None
-        when the use runs by hooks."""
+        when the use runs by hooks. A route is asked for once per kind (and per shape, where the store answers
+        with a graph per shape): calls after the first cost two dictionary look-ups."""
         if use in self.fallbacks:
             return None
+        served = self._served.get((kind, None)) or self._served.get((kind, shape))
+        if served is not None:
+            return served, self._runners[served]
         try:
             route = store.route(self.model, kind, self._place, self.plan.spec.filename, shape)
         except SiteNotFound as err:
@@ -95,6 +104,7 @@ class GraphBackend:
             self._warn(route.warning)
         if route.kind not in self._runners:
             self._runners[route.kind] = self._compiled(route.kind, "step" if isinstance(route.kind, Step) else "scoring")
+        self._served[kind, shape if isinstance(route.kind, Static) else None] = route.kind
         return route.kind, self._runners[route.kind]
 
     def _compiled(self, kind: GraphKind, how: str) -> Runner:
@@ -164,7 +174,6 @@ class GraphBackend:
             if self._compile is None:
                 self._token = step
             else:
-                copy = injected(Step(), store.graph(self.model, Step()), [s.site for s in self.plan], self.ops,
-                                self.plan.info.hidden_size)
+                copy = self._inject(Step(), store.graph(self.model, Step()))
                 self._token = compiled(copy.graph_module, "token", self._compile)
         return self._token

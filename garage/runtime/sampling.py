@@ -13,6 +13,7 @@ draw the same tokens from the same seed.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,6 +57,11 @@ _WARPERS: tuple[tuple[str, _Wanted, _Make], ...] = (
 )
 
 
+@functools.cache
+def _config_fields() -> frozenset[str]:
+    return frozenset(vars(GenerationConfig()))
+
+
 @dataclass(frozen=True)
 class Generation:
     """One generation request, resolved against the model's generation config as `model.generate` would."""
@@ -74,7 +80,7 @@ class Generation:
         """`options` are generation config fields (temperature, top_k, top_p, …); None means: the model's."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
-        unknown = sorted(set(options) - set(vars(GenerationConfig())))
+        unknown = sorted(set(options) - _config_fields())
         if unknown:
             raise TypeError(f"generate() got options that are not generation config fields: {', '.join(unknown)}")
         asked = {k: v for k, v in options.items() if v is not None}
