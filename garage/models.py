@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -244,6 +245,42 @@ def load_model_and_tokenizer(name: str, seed: int = 0, device: str | torch.devic
     tokenizer.padding_side = "left"
     _TOKENIZERS[model] = tokenizer
     return model.eval(), tokenizer
+
+
+def model_folder(name: str, seed: int = 0) -> str:
+    """A model as a folder another engine (vLLM) loads by itself, or a hub id: a tiny built-in is saved once
+    per seed, with its tokenizer, into garage's cache (a temporary folder when caching is off); `smollm2` is
+    its dequantized copy; a folder or hub id is returned as it is."""
+    if name in TINY:
+        target = _cache.entry("models", f"{name.replace(':', '-')}-seed{seed}")
+        if _cache.verified(target):
+            return str(target)
+        model, tokenizer = load_model_and_tokenizer(name, seed)
+        if target is None:
+            target = Path(tempfile.mkdtemp(prefix="garage-model-"))
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            return str(target)
+        with _cache.locked(target):
+            if not target.exists():
+                with _cache.writing(target) as tmp:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+        return str(target)
+    if name == SMOLLM2:
+        location, _ = _smollm2_location()
+        if Path(location, SMOLLM2_GGUF).is_file():
+            model, tokenizer = _from_gguf(Path(location))
+            copy = _dequantized()
+            if copy is None:  # caching is off: a temporary copy
+                copy = Path(tempfile.mkdtemp(prefix="garage-smollm2-"))
+                model.save_pretrained(copy)
+                tokenizer.save_pretrained(copy)
+            location = str(copy)
+        return location
+    if name.startswith("tiny:"):
+        raise ValueError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
+    return name
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, name: str) -> str:

@@ -14,10 +14,22 @@ from typing import Sequence
 
 from .._version import __version__
 from ..lang.diagnostics import GarageError
-from . import analyze, blade, cache, check, compare, explain, fmt, run, train, vector
+from . import (
+    analyze,
+    blade,
+    cache,
+    check,
+    compare,
+    explain,
+    fmt,
+    run,
+    serve,
+    train,
+    vector,
+)
 from .common import EXIT_ERRORS, EXIT_USAGE, diagnostics_json, library_progress
 
-COMMANDS = (check, explain, run, train, analyze, compare, vector, blade, fmt, cache)  # in `--help` order
+COMMANDS = (check, explain, run, serve, train, analyze, compare, vector, blade, fmt, cache)  # in `--help` order
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,7 +44,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, passed_on = top.parse_known_args(argv)
+    if passed_on and not getattr(args, "passes_on", False):  # only `serve` passes arguments on (to vLLM)
+        top.error(f"unrecognized arguments: {' '.join(passed_on)}")
+    args.passed_on = passed_on
     if args.debug:
         os.environ["GARAGE_DEBUG"] = "1"
     debug = bool(os.environ.get("GARAGE_DEBUG"))

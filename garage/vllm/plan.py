@@ -1,0 +1,186 @@
+"""The serving plan: named specs checked against the model before vLLM starts, written where its workers read them.
+
+This half runs in the user's process and does not import vLLM. It checks each spec with garage's own front
+half (parse, resolve, build) against a skeleton of the model (its config on the meta device: no weights
+are read), refuses what a vLLM engine cannot run with a diagnostic at the statement, and writes a plan
+folder: `plan.json` (each spec's name, text, file name and cache salt) and `bind.safetensors` (tensors the
+caller bound by name). Workers rebuild the ops from it with the same code. Nothing in it runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..lang import spec as ast
+from ..lang.diagnostics import Diagnostic, GarageError, ResolveError, ValidationError
+from ..plan.prepare import Prepared, SpecLike, prepare
+
+# model_type → the vLLM class that serves it. These families build their decoder layers alike in vLLM
+# (vllm/model_executor/models/llama.py and its subclasses in qwen2.py, qwen3.py): `model.layers[i]` returns
+# (hidden, residual), with `self_attn.o_proj`, `mlp.down_proj`, `model.embed_tokens` and `model.norm`.
+FAMILIES: dict[str, tuple[str, str]] = {  # model_type → (module in vllm.model_executor.models, class)
+    "llama": ("llama", "LlamaForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+# Ops a vLLM worker runs: each maps a token's hidden state to a new one. Captures return tensors (vLLM returns
+# tokens), blades need a second model, module/debate ops hold Python objects a worker cannot be sent, and
+# router ops need router logits that vLLM's fused MoE kernels never hand out.
+SERVED_OPS = (ast.Scale, ast.Add, ast.Learn, ast.Ablate, ast.Zero, ast.Clamp, ast.Noise)
+SERVED_SITES = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "final")
+PLAN_FILE, BIND_FILE = "plan.json", "bind.safetensors"
+CONFIG_KEY = "garage_plan"  # the hf_config field (set through vLLM's hf_overrides) naming the plan folder
+REQUEST_KEY = "garage"  # SamplingParams(extra_args={"garage": NAME}) chooses a spec
+
+
+@dataclass(frozen=True)
+class ServedSpec:
+    name: str
+    text: str
+    filename: str
+    salt: str  # vLLM's per-request cache_salt: prefix-cache blocks are shared only within one spec
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    folder: Path
+    specs: tuple[ServedSpec, ...]
+
+    def index(self, name: str) -> int:
+        """A spec's row in the per-token tables: 1, 2, …; 0 is the plain model."""
+        return 1 + [s.name for s in self.specs].index(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def digest(self) -> str:
+        """Names, texts and values of every spec: what vLLM's compile cache must be keyed by (see engine_args)."""
+        return hashlib.sha256("\0".join(s.salt for s in self.specs).encode()).hexdigest()[:32]
+
+
+def skeleton(config: Any) -> nn.Module:
+    """The transformers model for a config, on the meta device: its structure, with no values."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def family_problem(config: Any, filename: str) -> Diagnostic | None:
+    model_type = str(getattr(config, "model_type", "unknown"))
+    if model_type in FAMILIES:
+        return None
+    return Diagnostic("error", f"garage serves specs in vLLM for {', '.join(sorted(FAMILIES))} models, not "
+                      f"'{model_type}'", filename,
+                      hint="run this model with garage.compile, or serve one of those families")
+
+
+def served_problems(prepared: Prepared) -> list[Diagnostic]:
+    """A diagnostic at each statement a vLLM worker cannot run, saying why."""
+    found: list[Diagnostic] = []
+    seen: set[int] = set()
+    source = prepared.spec.source
+    for step in prepared.plan:
+        if step.statement in seen:
+            continue
+        problem = None
+        if not isinstance(step.op, SERVED_OPS):
+            problem = (f"vLLM cannot run '{type(step.op).__name__.lower().removesuffix('op')}' here: a served spec changes hidden "
+                       "states only (scale, add, ablate, zero, clamp, noise)",
+                       "run this spec with garage.compile, or remove this statement from the served spec")
+        elif step.site.kind not in SERVED_SITES:
+            problem = (f"vLLM has no site {step.site.label}: it serves h.I, .in, .attn, .mlp, .mlp.hidden, "
+                       ".attn.heads, embed and final (its modules are not transformers' modules)",
+                       "name one of those sites")
+        if problem:
+            seen.add(step.statement)
+            found.append(source.diagnostic(step.span, *problem))
+    return found
+
+
+def check_spec(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> Prepared:
+    """One spec, checked as garage checks it and then for vLLM; a GarageError carries every problem."""
+    prepared = prepare(model, spec, bind, at=(torch.device("cpu"), torch.float32))
+    prepared.raise_if_errors()
+    refused = served_problems(prepared)
+    if refused:
+        raise ValidationError(refused)
+    return prepared
+
+
+def build_plan(config: Any, specs: Mapping[str, SpecLike], bind: Mapping[str, torch.Tensor] | None = None,
+               folder: str | os.PathLike[str] | None = None) -> ServePlan:
+    """Check every spec against the model of `config` and write the plan for vLLM's workers.
+
+    Every spec's problems are raised at once, as one GarageError (file:line:col for each)."""
+    bind = dict(bind or {})
+    family = family_problem(config, "<model>")
+    if family:
+        raise ResolveError([family])
+    not_tensors = [k for k, v in bind.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValidationError([Diagnostic("error", f"vLLM workers receive bound tensors only; '{not_tensors[0]}' is a "
+                                          f"{type(bind[not_tensors[0]]).__name__}", "<bind>",
+                                          hint="bind tensors (vectors); serve module ops with garage.compile")])
+    model = skeleton(config)
+    served, problems = [], []
+    for name, spec in specs.items():
+        if not name.isidentifier():
+            problems.append(Diagnostic("error", f"a served spec's name is an identifier, not {name!r}", "<specs>",
+                                       hint="name it with letters, digits and underscores"))
+            continue
+        try:
+            served.append((name, check_spec(model, spec, bind)))
+        except GarageError as err:
+            problems.extend(err.diagnostics)
+    if problems:
+        raise ValidationError(problems)
+    target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="garage-vllm-"))
+    return write_plan(target, served, bind)
+
+
+def write_plan(folder: Path, specs: list[tuple[str, Prepared]], bind: Mapping[str, torch.Tensor]) -> ServePlan:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in bind.items()}  # clones: one tensor may be bound twice
+    save_file(tensors, str(folder / BIND_FILE))
+    entries = []
+    for name, prepared in specs:
+        text = prepared.spec.source.text
+        salt = hashlib.sha256("\0".join([name, text, _values_digest(prepared)]).encode()).hexdigest()[:32]
+        entries.append(ServedSpec(name, text, prepared.spec.filename, f"garage-{salt}"))
+    (folder / PLAN_FILE).write_text(json.dumps({"version": 1, "specs": [e.__dict__ for e in entries]}, indent=1))
+    return ServePlan(folder, tuple(entries))
+
+
+def _values_digest(prepared: Prepared) -> str:
+    """A hash of every number a spec's ops hold (vectors from files or bound, strengths), so that a changed
+    vector gets a new cache salt even where the spec's text is the same."""
+    digest = hashlib.sha256()
+    for module in prepared.modules:
+        for name, tensor in (module.state_dict() if module is not None else {}).items():
+            digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_plan(folder: str | os.PathLike[str]) -> tuple[ServePlan, dict[str, torch.Tensor]]:
+    """The plan a driver wrote (JSON and safetensors: reading it runs no code)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    data = json.loads((folder / PLAN_FILE).read_text())
+    specs = tuple(ServedSpec(**{k: str(e[k]) for k in ("name", "text", "filename", "salt")}) for e in data["specs"])
+    return ServePlan(folder, specs), load_file(str(folder / BIND_FILE))
