@@ -93,6 +93,8 @@ def reference_hooks(model: Any, name: str | None, v: torch.Tensor, prompt: int) 
 
     if name == "steer":
         out(layers[2], every, lambda h: h + 4 * v)
+    elif name == "steer at -2":  # "steer" after set_value(llm, "steer", 0, "factor", -2.0)
+        out(layers[2], every, lambda h: h - 2 * v)
     elif name == "damp":
         out(layers[1], every, lambda h: h * 0.5)
         into(layers[3].self_attn.o_proj, every, zero_heads)
@@ -234,6 +236,28 @@ def test_preempted_requests_resume_with_their_positions(tiny: tuple[str, Any, to
         assert list(out.outputs[0].token_ids) == reference_tokens(model, ids, name, v, 24), name
 
 
+def check_set_value(llm: Any, model: Any, v: torch.Tensor) -> None:
+    """A strength changed in the running engine: the next request uses it, and the prefix cache does not
+    hand back blocks computed with the old one."""
+    ids = prompts_for(model.config.vocab_size, 1, 12)[0] * 4
+    before = run(llm, [ids], ["steer"])[0]
+    garage.vllm.set_value(llm, "steer", 0, "factor", -2.0)
+    try:
+        after = run(llm, [ids], ["steer"])[0]
+        assert after.num_cached_tokens == 0
+        assert list(after.outputs[0].token_ids) == reference_tokens(model, ids, "steer at -2", v)
+        assert list(before.outputs[0].token_ids) == reference_tokens(model, ids, "steer", v)
+    finally:
+        garage.vllm.set_value(llm, "steer", 0, "factor", 4.0)
+    with pytest.raises(Exception, match="whose values are vector, factor"):
+        garage.vllm.set_value(llm, "steer", 0, "strength", 1.0)
+
+
+def test_set_value_changes_a_strength_without_a_restart(tiny: tuple[str, Any, torch.Tensor], eager_engine: Any) -> None:
+    _, model, v = tiny
+    check_set_value(eager_engine, model, v)
+
+
 def test_unknown_spec_is_refused_with_the_names(eager_engine: Any) -> None:
     with pytest.raises(ValueError, match="unknown garage spec 'nope': this engine serves damp, sites, steer, where"):
         run(eager_engine, [[1, 2, 3]], ["nope"])
@@ -265,6 +289,7 @@ def test_mixed_batch_compiled_tiny(tiny: tuple[str, Any, torch.Tensor]) -> None:
     llm = engine(folder, v)
     assert llm.llm_engine.vllm_config.compilation_config.mode != 0
     check_mixed(llm, model, v, 3)
+    check_set_value(llm, model, v)  # the compiled graph reads the buffer live: no recompile, no restart
     del llm
 
 

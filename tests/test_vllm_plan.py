@@ -21,7 +21,14 @@ import garage.vllm
 from garage.lang.diagnostics import GarageError
 from garage.vllm import engine_args, plugin
 from garage.vllm.plan import BIND_FILE, PLAN_FILE, build_plan, read_plan
-from garage.vllm.worker import HOOKS, SiteOps, TokenTable, fill_tokens, selected
+from garage.vllm.worker import (
+    HOOKS,
+    SiteOps,
+    TokenTable,
+    fill_tokens,
+    selected,
+    set_value,
+)
 
 CONFIG = LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=100)
@@ -217,3 +224,27 @@ def test_garage_serve_checks_specs_before_vllm_and_passes_other_flags_on(tmp_pat
     argv = vllm_argv("/m", {"hf_overrides": {"a": [1]}, "worker_extension_cls": "x.Y"}, ["--port", "8001"])
     assert argv == ["garage serve", "--model", "/m", "--hf-overrides", '{"a": [1]}', "--worker-extension-cls", "x.Y",
                     "--port", "8001"]
+
+
+def test_set_value_writes_a_buffer_in_place_and_refuses_what_is_not_there() -> None:
+    from garage import ops
+
+    table = _table(["steer"])
+    add = ops.Add(torch.randn(8), factor=2.0)
+    heads = ops.Heads(ops.Scale(0.5), 4, (1,))
+    table.steps = {1: [add, heads]}
+    address = add.factor.data_ptr()
+    set_value(table, "steer", 0, "factor", -3.0)
+    assert add.factor.item() == -3.0 and add.factor.data_ptr() == address
+    set_value(table, "steer", 0, "vector", [1.0] * 8)
+    assert torch.equal(add.vector, torch.ones(8))
+    set_value(table, "steer", 1, "factor", 0.25)  # through the heads wrapper, to the op itself
+    assert heads.inner.factor.item() == 0.25
+    with pytest.raises(ValueError, match="unknown garage spec 'calm'"):
+        set_value(table, "calm", 0, "factor", 1.0)
+    with pytest.raises(ValueError, match="has 2 steps"):
+        set_value(table, "steer", 2, "factor", 1.0)
+    with pytest.raises(ValueError, match="Add, whose values are vector, factor, not 'std'"):
+        set_value(table, "steer", 0, "std", 1.0)
+    with pytest.raises(ValueError, match=r"shape \[8\], not \[3\]"):
+        set_value(table, "steer", 0, "vector", [1.0, 2.0, 3.0])

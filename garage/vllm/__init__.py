@@ -13,7 +13,7 @@ the plain model. `VllmBackend(llm, "steer")` is garage's Backend protocol over s
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from .plan import CONFIG_KEY, FAMILIES, REQUEST_KEY, ServePlan, build_plan
 if TYPE_CHECKING:
     import vllm
 
-__all__ = ["LLM", "REQUEST_KEY", "VllmBackend", "engine_args", "plan_for"]
+__all__ = ["LLM", "REQUEST_KEY", "VllmBackend", "engine_args", "plan_for", "set_value"]
 
 EXTENSION = "garage.vllm.extension.GarageExtension"
 
@@ -73,3 +73,14 @@ def LLM(model: str, specs: Mapping[str, SpecLike], bind: Mapping[str, torch.Tens
 
     register()  # in this process; vLLM's own processes load the plugin (or the worker extension) themselves
     return VllmLLM(location, **engine_args(location, plan, vllm_kwargs))
+
+
+def set_value(llm: "vllm.LLM", spec: str, step: int, name: str, value: float | Sequence[float] | torch.Tensor) -> None:
+    """Change one served op's value (`factor`, `vector`, …) in every worker, as `inj.ops[step].factor.fill_(…)`
+    does for garage.compile: in place, so vLLM's compiled graph reads it without recompiling. `step` counts the
+    spec's plan steps, as `garage explain` lists them. Then vLLM's prefix cache is emptied, since blocks it
+    holds for this spec were computed with the old value. Needs garage's worker extension (the default)."""
+    payload = value.detach().cpu().tolist() if isinstance(value, torch.Tensor) else value
+    llm.collective_rpc("garage_set", args=(spec, step, name, payload))
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not empty its prefix cache (requests were running): set values between calls")

@@ -48,6 +48,7 @@ class TokenTable(nn.Module):
     def __init__(self, size: int, plan: ServePlan, device: torch.device) -> None:
         super().__init__()
         self.plan = plan
+        self.steps: dict[int, list[nn.Module]] = {}  # each spec's ops in plan order, as `inj.ops` holds them
         for name in ("spec", "pos", "prompt"):
             self.register_buffer(name, torch.zeros(size, dtype=torch.long, device=device), persistent=False)
 
@@ -176,6 +177,7 @@ def install(model: nn.Module, vllm_config: Any) -> None:
             assert module is not None
             op = _as_buffers(module).to(device=param.device, dtype=param.dtype).eval()
             groups[(step.site.kind, step.site.module_path)].append((k, rule, op))
+            table.steps.setdefault(k, []).append(op)
     modules = dict(model.named_modules())
     for (kind, path), entries in groups.items():
         sites = SiteOps(table, entries)
@@ -184,6 +186,25 @@ def install(model: nn.Module, vllm_config: Any) -> None:
         HOOKS[kind](target, sites)
     object.__setattr__(model, "garage_tokens", table)  # the runner finds it here (not a second registration)
     patch_runner()
+
+
+def set_value(table: TokenTable, spec: str, step: int, name: str, value: Any) -> None:
+    """Write a new value into one op's buffer in place (its address, and so the compiled graph, unchanged)."""
+    if spec not in table.plan.names:
+        raise ValueError(f"unknown garage spec {spec!r}: this engine serves {', '.join(table.plan.names)}")
+    steps = table.steps.get(table.plan.index(spec), [])
+    if not 0 <= step < len(steps):
+        raise ValueError(f"spec {spec!r} has {len(steps)} steps (0..{len(steps) - 1}), not {step}: "
+                         "`garage explain` lists them in order")
+    op = ops.innermost(steps[step])
+    buffer = op._buffers.get(name)
+    if buffer is None:
+        raise ValueError(f"step {step} of {spec!r} is {type(op).__name__}, whose values are "
+                         f"{', '.join(op._buffers) or 'none'}, not {name!r}")
+    new = torch.as_tensor(value, dtype=buffer.dtype, device=buffer.device)
+    if new.shape != buffer.shape:
+        raise ValueError(f"{name} of step {step} of {spec!r} has shape {list(buffer.shape)}, not {list(new.shape)}")
+    buffer.copy_(new)
 
 
 def fill_tokens(runner: Any, num_scheduled_tokens: np.ndarray) -> None:
