@@ -345,6 +345,85 @@ def test_other_served_families(model_type: str, tmp_path: Any) -> None:
     del llm
 
 
+class _FirstLinear(torch.overrides.TorchFunctionMode):
+    """Applies fn to the first F.linear result computed inside a router's call: its logits (the test's own
+    way to reach them, since transformers' router also runs softmax and top-k in the same call)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn, self.done = fn, False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear and not self.done:
+            self.done = True
+            return self.fn(out)
+        return out
+
+
+def router_hooks(gate: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+    modes: list[_FirstLinear] = []
+
+    def enter(module: Any, args: Any) -> None:
+        modes.append(_FirstLinear(fn))
+        modes[-1].__enter__()
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        modes.pop().__exit__(None, None, None)
+
+    return [gate.register_forward_pre_hook(enter), gate.register_forward_hook(leave)]
+
+
+MOE_SPECS = {
+    "route": "at h.1.router bias {1, 5} * 6",
+    "mask": "at h.2.router mask {0, 3}\nat h.0.mlp scale 0.5",
+    "force": "at h.3.router[new] force 2",
+}
+
+
+def moe_reference(model: Any, ids: list[int], name: str | None) -> list[int]:
+    layers, handles = model.model.layers, []
+    lowest = torch.finfo(torch.float32).min
+
+    def masked(logits: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        logits = logits.clone()
+        logits[:, experts] = lowest
+        return logits
+
+    if name == "route":
+        profile = torch.zeros(8)
+        profile[[1, 5]] = 6.0
+        handles += router_hooks(layers[1].mlp.gate, lambda logits: logits + profile)
+    elif name == "mask":
+        handles += router_hooks(layers[2].mlp.gate, lambda logits: masked(logits, [0, 3]))
+        handles.append(layers[0].mlp.register_forward_hook(_tensor_out(lambda h: h * 0.5)))
+    elif name == "force":  # generated tokens only: a decode step routes one token
+        handles += router_hooks(layers[3].mlp.gate, lambda logits: logits if logits.shape[0] > 1 else
+                                masked(logits, [e for e in range(8) if e != 2]))
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out[0, len(ids):].tolist()
+
+
+def test_mixtral_router_ops(tmp_path: Any) -> None:
+    """vLLM's Mixtral routes by its gate's logits (`block_sparse_moe.gate`, transformers' `mlp.gate`): bias,
+    mask and force there, and scale at the MoE block's output, in one mixed batch."""
+    folder = model_folder("tiny:mixtral", seed=1)
+    model = hf_model(folder)
+    llm = garage.vllm.LLM(folder, specs=MOE_SPECS, dtype="float32", seed=0, enforce_eager=True, max_model_len=256)
+    names: list[str | None] = [None, "route", "mask", "force", "route", None]
+    prompts = prompts_for(model.config.vocab_size, len(names), 13)
+    plain = moe_reference(model, prompts[0], None)
+    assert all(moe_reference(model, prompts[0], n) != plain for n in MOE_SPECS)  # each spec changes tokens
+    for ids, name, out in zip(prompts, names, run(llm, prompts, names)):
+        assert list(out.outputs[0].token_ids) == moe_reference(model, ids, name), name
+    del llm
+
+
 def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     import json
     import urllib.error

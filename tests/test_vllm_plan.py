@@ -56,7 +56,7 @@ def test_every_spec_is_checked_and_all_problems_reported_at_once(tmp_path: Path)
 
 
 def test_other_families_are_refused_naming_the_served_ones(tmp_path: Path) -> None:
-    with pytest.raises(GarageError, match="llama, mistral, qwen2, qwen3 models, not 'gpt2'"):
+    with pytest.raises(GarageError, match="llama, mistral, mixtral, qwen2, qwen3 models, not 'gpt2'"):
         build_plan(GPT2Config(n_layer=2, n_embd=32, n_head=2), {"a": "at h.1 scale 0.5"}, folder=tmp_path)
 
 
@@ -248,3 +248,11 @@ def test_set_value_writes_a_buffer_in_place_and_refuses_what_is_not_there() -> N
         set_value(table, "steer", 0, "std", 1.0)
     with pytest.raises(ValueError, match=r"shape \[8\], not \[3\]"):
         set_value(table, "steer", 0, "vector", [1.0, 2.0, 3.0])
+
+
+def test_vllm_paths_rename_only_what_vllm_names_otherwise() -> None:
+    from garage.vllm.plan import vllm_path
+
+    assert vllm_path("mixtral", "model.layers.3.mlp.gate") == "model.layers.3.block_sparse_moe.gate"
+    assert vllm_path("mixtral", "model.layers.3.self_attn.o_proj") == "model.layers.3.self_attn.o_proj"
+    assert vllm_path("llama", "model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"

@@ -25,19 +25,24 @@ from ..lang.diagnostics import Diagnostic, GarageError, ResolveError, Validation
 from ..plan.prepare import Prepared, SpecLike, prepare
 
 # model_type → the vLLM class that serves it. These families build their decoder layers alike in vLLM
-# (vllm/model_executor/models/llama.py and its subclasses in qwen2.py, qwen3.py): `model.layers[i]` returns
-# (hidden, residual), with `self_attn.o_proj`, `mlp.down_proj`, `model.embed_tokens` and `model.norm`.
+# (vllm/model_executor/models/llama.py and its kin in mistral.py, qwen2.py, qwen3.py, mixtral.py):
+# `model.layers[i]` returns (hidden, residual), with `self_attn.o_proj`, `model.embed_tokens` and `model.norm`.
 FAMILIES: dict[str, tuple[str, str]] = {  # model_type → (module in vllm.model_executor.models, class)
     "llama": ("llama", "LlamaForCausalLM"),
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
 }
-# Ops a vLLM worker runs: each maps a token's hidden state to a new one. Captures return tensors (vLLM returns
-# tokens), blades need a second model, module/debate ops hold Python objects a worker cannot be sent, and
-# router ops need router logits that vLLM's fused MoE kernels never hand out.
-SERVED_OPS = (ast.Scale, ast.Add, ast.Learn, ast.Ablate, ast.Zero, ast.Clamp, ast.Noise)
-SERVED_SITES = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "final")
+# Where vLLM names a module otherwise than transformers does: path segment renames per family. vLLM's
+# Mixtral keeps its MoE block at `block_sparse_moe` (transformers 5: `mlp`); its router is `.gate` in both,
+# a linear layer whose output is the router logits that vLLM's fused experts then route by.
+RENAMES: dict[str, dict[str, str]] = {"mixtral": {"mlp": "block_sparse_moe"}}
+# Ops a vLLM worker runs: each maps a token's hidden state (or router logits) to a new one. Captures return
+# tensors (vLLM returns tokens), blades need a second model, and module/debate ops hold Python objects a
+# worker cannot be sent.
+SERVED_OPS = (ast.Scale, ast.Add, ast.Learn, ast.Ablate, ast.Zero, ast.Clamp, ast.Noise, *ast.ROUTER_OPS)
+SERVED_SITES = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "final", "router")
 PLAN_FILE, BIND_FILE = "plan.json", "bind.safetensors"
 CONFIG_KEY = "garage_plan"  # the hf_config field (set through vLLM's hf_overrides) naming the plan folder
 REQUEST_KEY = "garage"  # SamplingParams(extra_args={"garage": NAME}) chooses a spec
@@ -70,6 +75,12 @@ class ServePlan:
         return hashlib.sha256("\0".join(s.salt for s in self.specs).encode()).hexdigest()[:32]
 
 
+def vllm_path(model_type: str, path: str) -> str:
+    """A module path of transformers' model, as vLLM's class for the family names it."""
+    renames = RENAMES.get(model_type, {})
+    return ".".join(renames.get(part, part) for part in path.split("."))
+
+
 def skeleton(config: Any) -> nn.Module:
     """The transformers model for a config, on the meta device: its structure, with no values."""
     from transformers import AutoModelForCausalLM
@@ -97,12 +108,13 @@ def served_problems(prepared: Prepared) -> list[Diagnostic]:
             continue
         problem = None
         if not isinstance(step.op, SERVED_OPS):
-            problem = (f"vLLM cannot run '{type(step.op).__name__.lower().removesuffix('op')}' here: a served spec changes hidden "
-                       "states only (scale, add, ablate, zero, clamp, noise)",
+            problem = (f"vLLM cannot run '{type(step.op).__name__.lower().removesuffix('op')}' here: a served spec "
+                       "changes hidden states and router logits only (scale, add, ablate, zero, clamp, noise, "
+                       "bias, mask, force)",
                        "run this spec with garage.compile, or remove this statement from the served spec")
         elif step.site.kind not in SERVED_SITES:
             problem = (f"vLLM has no site {step.site.label}: it serves h.I, .in, .attn, .mlp, .mlp.hidden, "
-                       ".attn.heads, embed and final (its modules are not transformers' modules)",
+                       ".attn.heads, .router, embed and final (its modules are not transformers' modules)",
                        "name one of those sites")
         if problem:
             seen.add(step.statement)

@@ -33,6 +33,7 @@ from .plan import (
     check_spec,
     read_plan,
     skeleton,
+    vllm_path,
 )
 
 Rule = tuple[str, int | None, int | None]  # a position selection: (kind, start, stop), as ops.AtPositions holds it
@@ -134,10 +135,11 @@ def _input(module: nn.Module, sites: SiteOps) -> None:
     module.register_forward_pre_hook(hook)
 
 
-# A site kind → how its value is reached on the vLLM module at the site's path (the same paths as
-# transformers' for these families: model.layers.I, .self_attn, .self_attn.o_proj, .mlp, .mlp.down_proj, model.norm).
+# A site kind → how its value is reached on the vLLM module at the site's path (transformers' path, renamed
+# where vLLM names it otherwise: plan.RENAMES): model.layers.I, .self_attn, .self_attn.o_proj, .mlp,
+# .mlp.down_proj, .mlp.gate (the router, whose first output is the logits), model.norm.
 HOOKS: dict[str, Callable[[nn.Module, SiteOps], None]] = {
-    "out": _block_out, "in": _block_in, "attn": _output, "mlp": _output, "final": _output,
+    "out": _block_out, "in": _block_in, "attn": _output, "mlp": _output, "final": _output, "router": _output,
     "attn.heads": _input, "mlp.hidden": _input,
 }
 
@@ -176,7 +178,7 @@ def install(model: nn.Module, vllm_config: Any) -> None:
                 rule, module = (module.kind, module.start, module.stop), module.inner
             assert module is not None
             op = _as_buffers(module).to(device=param.device, dtype=param.dtype).eval()
-            groups[(step.site.kind, step.site.module_path)].append((k, rule, op))
+            groups[(step.site.kind, vllm_path(hf_config.model_type, step.site.module_path))].append((k, rule, op))
             table.steps.setdefault(k, []).append(op)
     modules = dict(model.named_modules())
     for (kind, path), entries in groups.items():
