@@ -222,6 +222,23 @@ def test_prefix_cache_is_not_shared_across_specs(tiny: tuple[str, Any, torch.Ten
         assert list(out.outputs[0].token_ids) == reference_tokens(model, ids, name, v), name
 
 
+def test_a_longer_prompt_does_not_reuse_blocks_whose_new_tokens_are_its_prompt(
+        tiny: tuple[str, Any, torch.Tensor], eager_engine: Any) -> None:
+    """Multi-turn chat: the next prompt is the last prompt plus its reply. Under `[new]`/`[last]` the cached
+    blocks of the reply were computed as new tokens, which are prompt tokens now: they must not be reused."""
+    _, model, v = tiny
+    block = eager_engine.llm_engine.vllm_config.cache_config.block_size
+    first = torch.randint(0, model.config.vocab_size, (block,), generator=torch.Generator().manual_seed(14)).tolist()
+    reply = run(eager_engine, [first], ["where"], new_tokens=block + 8)[0]
+    second = first + list(reply.outputs[0].token_ids)
+    out = run(eager_engine, [second], ["where"])[0]
+    assert out.num_cached_tokens == 0
+    assert list(out.outputs[0].token_ids) == reference_tokens(model, second, "where", v)
+    again = run(eager_engine, [second], ["where"])[0]  # the same prompt length shares blocks as before
+    assert again.num_cached_tokens >= block
+    assert list(again.outputs[0].token_ids) == list(out.outputs[0].token_ids)
+
+
 def test_preempted_requests_resume_with_their_positions(tiny: tuple[str, Any, torch.Tensor], eager_engine: Any) -> None:
     """Recomputed after preemption, a request keeps its absolute positions and its prompt length, so `[new]`,
     `[last]` and `[1:3]` still name the same tokens."""

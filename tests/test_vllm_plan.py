@@ -103,6 +103,10 @@ def test_engine_args_key_the_compile_cache_by_the_plan(tmp_path: Path) -> None:
     assert engine_args(folder, two, {})["additional_config"] != args["additional_config"]
     assert args["worker_extension_cls"] == "garage.vllm.extension.GarageExtension"
     assert engine_args(folder, one, {"worker_extension_cls": "my.Ext"})["worker_extension_cls"] == "my.Ext"
+    assert engine_args(folder, one, {"tensor_parallel_size": 1})["tensor_parallel_size"] == 1
+    for refused in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}, {"speculative_config": {"method": "ngram"}}):
+        with pytest.raises(ValueError, match="does not serve specs with"):
+            engine_args(folder, one, refused)
 
 
 def test_requests_get_their_specs_salt_and_unknown_names_are_refused(tmp_path: Path) -> None:
@@ -112,6 +116,14 @@ def test_requests_get_their_specs_salt_and_unknown_names_are_refused(tmp_path: P
         return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), cache_salt=salt)
 
     assert plugin.salted(request(None), str(plan.folder)).cache_salt is None
+    positional = build_plan(CONFIG, {"last": "at h.1[last] scale 0.5", "at2": "at h.1[2] scale 0.5"},
+                            folder=tmp_path / "positional")
+    ask = request({"garage": "last"})
+    ask.prompt_token_ids = [1, 2, 3]
+    assert plugin.salted(ask, str(positional.folder)).cache_salt == positional.specs[0].salt + "/prompt3"
+    ask = request({"garage": "at2"})  # an absolute position does not depend on the prompt's length
+    ask.prompt_token_ids = [1, 2, 3]
+    assert plugin.salted(ask, str(positional.folder)).cache_salt == positional.specs[1].salt
     assert plugin.salted(request({"garage": "steer"}), str(plan.folder)).cache_salt == plan.specs[0].salt
     assert plugin.salted(request({"garage": "calm"}, "user"), str(plan.folder)).cache_salt == plan.specs[1].salt + ":user"
     with pytest.raises(ValueError, match="unknown garage spec 'nope': this engine serves calm, steer"):
@@ -171,8 +183,8 @@ def test_block_output_ops_touch_only_their_specs_tokens_and_untouched_rows_are_e
             assert torch.allclose(after[row], summed[row] * 0.5)
         elif k == 2 and row >= 3:  # positions 3.. with prompt 4: the last prompt token and new ones
             assert torch.allclose(after[row], summed[row] + 3 * v)
-        else:
-            assert torch.equal(after[row], summed[row])  # bit-exact: the plain model's own sum
+        else:  # untouched: the layer's own (hidden, residual) pair, bit for bit, for the next fused add-norm
+            assert torch.equal(out_hidden[row], hidden[row] * 2.0) and torch.equal(out_residual[row], residual[row] + 1.0)
     # rows past the step's tokens (a padded batch) run the plain model
     table.fill(np.array([1, 1]), np.arange(2), np.full(2, 4))
     assert table.spec[2:].eq(0).all()

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["LLM", "REQUEST_KEY", "VllmBackend", "engine_args", "plan_for", "set_value"]
 
 EXTENSION = "garage.vllm.extension.GarageExtension"
+# Engine options garage refuses (each with its value that means "off"), and why.
+UNSERVED = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "speculative_config": None}
+UNSERVED_WHY = ("under tensor parallelism a head or FFN site holds a shard of its width, under pipeline "
+                "parallelism a rank holds some blocks only, and draft tokens need positions of their own; "
+                "serve on one device without speculative decoding")
 
 
 def plan_for(model: str, specs: Mapping[str, SpecLike], bind: Mapping[str, torch.Tensor] | None = None,
@@ -51,6 +56,10 @@ def engine_args(location: str, plan: ServePlan, vllm_kwargs: Mapping[str, Any]) 
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(location).model_type
+    for key, plain in UNSERVED.items():
+        if vllm_kwargs.get(key, plain) not in (plain, None):
+            raise ValueError(f"garage.vllm does not serve specs with {key}={vllm_kwargs[key]!r} yet: "
+                             f"{UNSERVED_WHY}")
     args = dict(vllm_kwargs)
     overrides = dict(args.pop("hf_overrides", None) or {})
     overrides.update({"architectures": ["Garage" + FAMILIES[model_type][1]], CONFIG_KEY: str(plan.folder)})

@@ -3,8 +3,10 @@
 This half runs in the user's process and does not import vLLM. It checks each spec with garage's own front
 half (parse, resolve, build) against a skeleton of the model (its config on the meta device: no weights
 are read), refuses what a vLLM engine cannot run with a diagnostic at the statement, and writes a plan
-folder: `plan.json` (each spec's name, text, file name and cache salt) and `bind.safetensors` (tensors the
-caller bound by name). Workers rebuild the ops from it with the same code. Nothing in it runs code.
+folder: `plan.json` (each spec's name, text, file name, cache salt and a hash of its values) and
+`bind.safetensors` (tensors the caller bound by name). Workers rebuild the ops from it with the same code,
+reading the spec's vector files again, and refuse to start if their values differ from the driver's. Nothing
+in it runs code.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ SERVED_SITES = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "final",
 PLAN_FILE, BIND_FILE = "plan.json", "bind.safetensors"
 CONFIG_KEY = "garage_plan"  # the hf_config field (set through vLLM's hf_overrides) naming the plan folder
 REQUEST_KEY = "garage"  # SamplingParams(extra_args={"garage": NAME}) chooses a spec
+# Positions that depend on where the prompt ends: a KV block computed under them holds for requests with the
+# same prompt length only (a longer prompt that starts with an earlier prompt and its reply would otherwise
+# reuse blocks whose `[new]` tokens are its prompt tokens).
+PROMPT_RELATIVE = ("last", "prompt", "new")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class ServedSpec:
     text: str
     filename: str
     salt: str  # vLLM's per-request cache_salt: prefix-cache blocks are shared only within one spec
+    by_prompt: bool = False  # whether its ops depend on the prompt's length (`[last]`, `[prompt]`, `[new]`)
+    values: str = ""  # a hash of every number its ops hold, as the driver built them
 
 
 @dataclass(frozen=True)
@@ -172,17 +180,20 @@ def write_plan(folder: Path, specs: list[tuple[str, Prepared]], bind: Mapping[st
     entries = []
     for name, prepared in specs:
         text = prepared.spec.source.text
-        salt = hashlib.sha256("\0".join([name, text, _values_digest(prepared)]).encode()).hexdigest()[:32]
-        entries.append(ServedSpec(name, text, prepared.spec.filename, f"garage-{salt}"))
+        values = values_digest(prepared.modules)
+        salt = hashlib.sha256("\0".join([name, text, values]).encode()).hexdigest()[:32]
+        by_prompt = any(step.site.positions is not None and step.site.positions.kind in PROMPT_RELATIVE
+                        for step in prepared.plan)
+        entries.append(ServedSpec(name, text, prepared.spec.filename, f"garage-{salt}", by_prompt, values))
     (folder / PLAN_FILE).write_text(json.dumps({"version": 1, "specs": [e.__dict__ for e in entries]}, indent=1))
     return ServePlan(folder, tuple(entries))
 
 
-def _values_digest(prepared: Prepared) -> str:
+def values_digest(modules: list[nn.Module | None]) -> str:
     """A hash of every number a spec's ops hold (vectors from files or bound, strengths), so that a changed
     vector gets a new cache salt even where the spec's text is the same."""
     digest = hashlib.sha256()
-    for module in prepared.modules:
+    for module in modules:
         for name, tensor in (module.state_dict() if module is not None else {}).items():
             digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -194,5 +205,6 @@ def read_plan(folder: str | os.PathLike[str]) -> tuple[ServePlan, dict[str, torc
 
     folder = Path(folder)
     data = json.loads((folder / PLAN_FILE).read_text())
-    specs = tuple(ServedSpec(**{k: str(e[k]) for k in ("name", "text", "filename", "salt")}) for e in data["specs"])
+    specs = tuple(ServedSpec(str(e["name"]), str(e["text"]), str(e["filename"]), str(e["salt"]), bool(e["by_prompt"]),
+                             str(e["values"])) for e in data["specs"])
     return ServePlan(folder, specs), load_file(str(folder / BIND_FILE))

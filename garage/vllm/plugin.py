@@ -28,11 +28,17 @@ def register() -> None:
     _patch_input_processor()
 
 
+def _salts(folder: str) -> dict[str, tuple[str, bool]]:
+    """The served specs' names → (cache salt, whether it depends on the prompt's length), read once per plan
+    file (JSON only; a plan folder written again is read again)."""
+    plan = Path(folder) / PLAN_FILE
+    return _read_salts(str(plan), plan.stat().st_mtime_ns)
+
+
 @functools.cache
-def _salts(folder: str) -> dict[str, str]:
-    """The served specs' names and cache salts, read once per plan folder (JSON only)."""
-    data = json.loads((Path(folder) / PLAN_FILE).read_text())
-    return {str(e["name"]): str(e["salt"]) for e in data["specs"]}
+def _read_salts(plan: str, mtime: int) -> dict[str, tuple[str, bool]]:
+    data = json.loads(Path(plan).read_text())
+    return {str(e["name"]): (str(e["salt"]), bool(e["by_prompt"])) for e in data["specs"]}
 
 
 @functools.cache
@@ -66,8 +72,19 @@ def salted(request: Any, folder: str | None) -> Any:
     if not isinstance(name, str) or name not in salts:
         raise _refusal_type()(f"unknown garage spec {name!r}: this engine serves {', '.join(sorted(salts))} "
                          f"(choose one with extra_args={{\"{REQUEST_KEY}\": NAME}}, or leave it out for the plain model)")
-    request.cache_salt = salts[name] + (f":{request.cache_salt}" if request.cache_salt else "")
+    salt, by_prompt = salts[name]
+    if by_prompt:  # `[last]`, `[prompt]`, `[new]`: a block's values depend on where the prompt ends
+        salt += f"/prompt{_prompt_length(request)}"
+    request.cache_salt = salt + (f":{request.cache_salt}" if request.cache_salt else "")
     return request
+
+
+def _prompt_length(request: Any) -> int:
+    ids = getattr(request, "prompt_token_ids", None)
+    if ids is not None:
+        return len(ids)
+    embeds = getattr(request, "prompt_embeds", None)
+    return int(embeds.shape[0]) if embeds is not None else 0
 
 
 def _patch_input_processor() -> None:

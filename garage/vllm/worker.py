@@ -9,8 +9,8 @@ The buffers keep their addresses, so vLLM's compiled graph (and a CUDA graph) re
 
 Sites map onto vLLM's module tree by kind (`HOOKS`). vLLM's decoder layers return `(hidden, residual)`
 and fuse the residual add into the next layer's RMSNorm, so a block's output `h.I` is their sum: the hook
-computes it, applies the ops and hands on `(h, 0)`, which the next norm sums to `h` again; a token no op
-touches is the exact sum the plain model would form (x + 0 == x in floating point).
+computes it, applies the ops and hands on `(h, 0)` for the tokens they chose, which the next norm sums to
+`h` again; every other token keeps its own pair, untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .plan import (
     check_spec,
     read_plan,
     skeleton,
+    values_digest,
     vllm_path,
 )
 
@@ -93,21 +94,34 @@ class SiteOps(nn.Module):
         self.ops = nn.ModuleList([op for _, _, op in entries])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.changed(h)[0]
+
+    def changed(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new values, and a [tokens, 1] mask of the tokens any statement chose."""
         n = h.shape[0]
         spec, pos, prompt = self.table.spec[:n], self.table.pos[:n], self.table.prompt[:n]
+        touched = torch.zeros_like(spec, dtype=torch.bool).unsqueeze(-1)
         for k, rule, op in zip(self.specs, self.rules, self.ops):
             chosen = spec == k
             if rule is not None:
                 chosen = chosen & selected(rule, pos, prompt)
-            h = torch.where(chosen.unsqueeze(-1), op(h).to(h.dtype), h)
-        return h
+            chosen = chosen.unsqueeze(-1)
+            h = torch.where(chosen, op(h).to(h.dtype), h)
+            touched = touched | chosen
+        return h, touched
+
+
+def _on_sum(sites: SiteOps, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ops on a block boundary `hidden + residual`: a chosen token moves on as (h, 0), which the next
+    fused add-norm sums back to h; every other token keeps its own (hidden, residual) pair, so the plain
+    model's fused kernel (which may add in float32 before it rounds) sees exactly what it would have."""
+    h, touched = sites.changed(hidden + residual)
+    return torch.where(touched, h, hidden), torch.where(touched, torch.zeros_like(residual), residual)
 
 
 def _block_out(module: nn.Module, sites: SiteOps) -> None:
     def hook(_: nn.Module, args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
-        hidden, residual = output
-        h = sites(hidden + residual)
-        return h, torch.zeros_like(h)
+        return _on_sum(sites, *output)
     module.register_forward_hook(hook)
 
 
@@ -116,8 +130,7 @@ def _block_in(module: nn.Module, sites: SiteOps) -> None:
         positions, hidden, residual, *rest = args
         if residual is None:  # block 0: the embeddings, before any residual exists
             return (positions, sites(hidden), None, *rest)
-        h = sites(hidden + residual)
-        return (positions, h, torch.zeros_like(h), *rest)
+        return (positions, *_on_sum(sites, hidden, residual), *rest)
     module.register_forward_pre_hook(hook)
 
 
@@ -163,6 +176,12 @@ def table_size(vllm_config: Any) -> int:
 
 def install(model: nn.Module, vllm_config: Any) -> None:
     """Build every served spec's ops with garage's own front half and hook them into vLLM's model."""
+    from . import UNSERVED_WHY
+
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1 or vllm_config.speculative_config:
+        raise ValueError(f"garage.vllm does not serve specs with tensor or pipeline parallelism or speculative "
+                         f"decoding yet: {UNSERVED_WHY}")
     hf_config = vllm_config.model_config.hf_config
     plan, bind = read_plan(getattr(hf_config, CONFIG_KEY))
     reference = skeleton(hf_config)
@@ -172,6 +191,9 @@ def install(model: nn.Module, vllm_config: Any) -> None:
     for k, served in enumerate(plan.specs, start=1):
         spec, _ = parse_collect(served.text, served.filename)
         prepared = check_spec(reference, spec, bind)
+        if values_digest(prepared.modules) != served.values:
+            raise ValueError(f"garage spec {served.name!r} holds other values than when it was checked at start-up "
+                             f"(a vector file it reads changed?): start the engine again")
         for step, module in zip(prepared.plan, prepared.modules):
             rule = None
             if isinstance(module, ops.AtPositions):
