@@ -255,32 +255,32 @@ def model_folder(name: str, seed: int = 0) -> str:
         target = _cache.entry("models", f"{name.replace(':', '-')}-seed{seed}")
         if _cache.verified(target):
             return str(target)
-        model, tokenizer = load_model_and_tokenizer(name, seed)
-        if target is None:
-            target = Path(tempfile.mkdtemp(prefix="garage-model-"))
-            model.save_pretrained(target)
-            tokenizer.save_pretrained(target)
-            return str(target)
-        with _cache.locked(target):
-            if not target.exists():
-                with _cache.writing(target) as tmp:
-                    model.save_pretrained(tmp)
-                    tokenizer.save_pretrained(tmp)
-        return str(target)
+        return str(_saved(target, *load_model_and_tokenizer(name, seed)))
     if name == SMOLLM2:
         location, _ = _smollm2_location()
         if Path(location, SMOLLM2_GGUF).is_file():
-            model, tokenizer = _from_gguf(Path(location))
-            copy = _dequantized()
-            if copy is None:  # caching is off: a temporary copy
-                copy = Path(tempfile.mkdtemp(prefix="garage-smollm2-"))
-                model.save_pretrained(copy)
-                tokenizer.save_pretrained(copy)
-            location = str(copy)
+            model, tokenizer = _from_gguf(Path(location))  # keeps a copy in the cache, where there is one
+            location = str(_dequantized() or _saved(None, model, tokenizer))
         return location
     if name.startswith("tiny:"):
         raise ValueError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
     return name
+
+
+def _saved(target: Path | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """Model and tokenizer as one folder: a sealed cache entry (made once, under its lock), or a private
+    temporary folder when caching is off."""
+    if target is None:
+        target = Path(tempfile.mkdtemp(prefix="garage-model-"))
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        return target
+    with _cache.locked(target):
+        if not target.exists():
+            with _cache.writing(target) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    return target
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, name: str) -> str:

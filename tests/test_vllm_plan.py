@@ -268,3 +268,39 @@ def test_vllm_paths_rename_only_what_vllm_names_otherwise() -> None:
     assert vllm_path("mixtral", "model.layers.3.mlp.gate") == "model.layers.3.block_sparse_moe.gate"
     assert vllm_path("mixtral", "model.layers.3.self_attn.o_proj") == "model.layers.3.self_attn.o_proj"
     assert vllm_path("llama", "model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
+
+
+def test_a_cached_plan_is_sealed_and_a_crafted_or_damaged_one_is_refused(tmp_path: Path, caplog: Any) -> None:
+    """The plan goes into garage's cache as a sealed entry named by its digest. Editing it (a stronger
+    factor, a pickle in place of the tensors) never reaches a worker: the entry is deleted with a warning,
+    and reading it is a ValueError that says what to do, not a traceback from json or safetensors."""
+    import logging
+    import pickle
+
+    from garage import _cache
+
+    specs = {"a": "at h.1 add v * 2"}
+    plan = build_plan(CONFIG, specs, bind={"v": torch.randn(64)})
+    assert plan.folder == _cache.entry("vllm-plans", plan.digest) and (plan.folder / _cache.SEAL).is_file()
+    assert read_plan(plan.folder)[0] == plan
+    again = build_plan(CONFIG, specs, bind={"v": read_plan(plan.folder)[1]["v"]})
+    assert again.folder == plan.folder  # the same specs and values: the same entry, not written twice
+
+    crafted = (plan.folder / PLAN_FILE).read_text().replace("v * 2", "v * 200")
+    (plan.folder / PLAN_FILE).write_text(crafted)
+    with caplog.at_level(logging.WARNING, logger="garage"), pytest.raises(ValueError, match="is damaged"):
+        read_plan(plan.folder)
+    assert "not sealed by this cache's key" in caplog.text and not plan.folder.exists()
+
+    class Bomb:
+        def __reduce__(self) -> Any:
+            return (Path.touch, (tmp_path / "ran",))
+
+    plan = build_plan(CONFIG, specs, bind={"v": torch.randn(64)}, folder=tmp_path / "explicit")
+    (plan.folder / BIND_FILE).write_bytes(pickle.dumps(Bomb()))
+    with pytest.raises(ValueError, match="is damaged"):
+        read_plan(plan.folder)
+    (plan.folder / PLAN_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="is damaged"):
+        read_plan(plan.folder)
+    assert not (tmp_path / "ran").exists()

@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .. import _cache
 from ..lang import spec as ast
 from ..lang.diagnostics import Diagnostic, GarageError, ResolveError, ValidationError
 from ..plan.prepare import Prepared, SpecLike, prepare
@@ -167,16 +168,12 @@ def build_plan(config: Any, specs: Mapping[str, SpecLike], bind: Mapping[str, to
             problems.extend(err.diagnostics)
     if problems:
         raise ValidationError(problems)
-    target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="garage-vllm-"))
-    return write_plan(target, served, bind)
+    return write_plan(served, bind, Path(folder) if folder is not None else None)
 
 
-def write_plan(folder: Path, specs: list[tuple[str, Prepared]], bind: Mapping[str, torch.Tensor]) -> ServePlan:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in bind.items()}  # clones: one tensor may be bound twice
-    save_file(tensors, str(folder / BIND_FILE))
+def write_plan(specs: list[tuple[str, Prepared]], bind: Mapping[str, torch.Tensor], folder: Path | None) -> ServePlan:
+    """Write the plan into `folder`, or else into garage's cache as a sealed entry named by its digest (the
+    same specs and values reuse it), or, with the cache off, into a private temporary folder."""
     entries = []
     for name, prepared in specs:
         text = prepared.spec.source.text
@@ -185,8 +182,26 @@ def write_plan(folder: Path, specs: list[tuple[str, Prepared]], bind: Mapping[st
         by_prompt = any(step.site.positions is not None and step.site.positions.kind in PROMPT_RELATIVE
                         for step in prepared.plan)
         entries.append(ServedSpec(name, text, prepared.spec.filename, f"garage-{salt}", by_prompt, values))
+    plan = ServePlan(Path(), tuple(entries))
+    cached = _cache.entry("vllm-plans", plan.digest) if folder is None else None
+    if cached is not None:
+        with _cache.locked(cached):
+            if _cache.read(cached) is None:
+                with _cache.writing(cached) as tmp:
+                    _write_files(tmp, entries, bind)
+        return replace(plan, folder=cached)
+    target = folder or Path(tempfile.mkdtemp(prefix="garage-vllm-"))
+    target.mkdir(parents=True, exist_ok=True)
+    _write_files(target, entries, bind)
+    return replace(plan, folder=target)
+
+
+def _write_files(folder: Path, entries: list[ServedSpec], bind: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in bind.items()}  # clones: one tensor may be bound twice
+    save_file(tensors, str(folder / BIND_FILE))
     (folder / PLAN_FILE).write_text(json.dumps({"version": 1, "specs": [e.__dict__ for e in entries]}, indent=1))
-    return ServePlan(folder, tuple(entries))
 
 
 def values_digest(modules: list[nn.Module | None]) -> str:
@@ -200,11 +215,24 @@ def values_digest(modules: list[nn.Module | None]) -> str:
 
 
 def read_plan(folder: str | os.PathLike[str]) -> tuple[ServePlan, dict[str, torch.Tensor]]:
-    """The plan a driver wrote (JSON and safetensors: reading it runs no code)."""
-    from safetensors.torch import load_file
+    """The plan a driver wrote: JSON and safetensors, so reading it runs no code. A plan in garage's cache
+    must carry this user's seal; one that is damaged or not sealed is refused with a ValueError that says so."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     folder = Path(folder)
-    data = json.loads((folder / PLAN_FILE).read_text())
-    specs = tuple(ServedSpec(str(e["name"]), str(e["text"]), str(e["filename"]), str(e["salt"]), bool(e["by_prompt"]),
-                             str(e["values"])) for e in data["specs"])
-    return ServePlan(folder, specs), load_file(str(folder / BIND_FILE))
+    cache = _cache.root()
+    if cache is not None and folder.is_relative_to(cache):
+        files = _cache.read(folder)  # a bad entry is deleted, with a warning
+    else:
+        files = {n: (folder / n).read_bytes() for n in (PLAN_FILE, BIND_FILE) if (folder / n).is_file()}
+    try:
+        if files is None:
+            raise ValueError("not sealed by this user's garage cache")
+        data = json.loads(files[PLAN_FILE])
+        specs = tuple(ServedSpec(str(e["name"]), str(e["text"]), str(e["filename"]), str(e["salt"]),
+                                 bool(e["by_prompt"]), str(e["values"])) for e in data["specs"])
+        return ServePlan(folder, specs), load(files[BIND_FILE])
+    except (ValueError, KeyError, TypeError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"the garage serving plan in {folder} is damaged ({type(err).__name__}: {err}); "
+                         "start the engine again with garage.vllm.LLM or garage serve, which write it anew") from None

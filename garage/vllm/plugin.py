@@ -11,11 +11,9 @@ more than once.
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 from typing import Any
 
-from .plan import CONFIG_KEY, FAMILIES, PLAN_FILE, REQUEST_KEY
+from .plan import CONFIG_KEY, FAMILIES, REQUEST_KEY, read_plan
 
 
 def register() -> None:
@@ -28,17 +26,12 @@ def register() -> None:
     _patch_input_processor()
 
 
+@functools.cache
 def _salts(folder: str) -> dict[str, tuple[str, bool]]:
     """The served specs' names → (cache salt, whether it depends on the prompt's length), read once per plan
-    file (JSON only; a plan folder written again is read again)."""
-    plan = Path(folder) / PLAN_FILE
-    return _read_salts(str(plan), plan.stat().st_mtime_ns)
-
-
-@functools.cache
-def _read_salts(plan: str, mtime: int) -> dict[str, tuple[str, bool]]:
-    data = json.loads(Path(plan).read_text())
-    return {str(e["name"]): (str(e["salt"]), bool(e["by_prompt"])) for e in data["specs"]}
+    folder (a plan never changes once written: a new one is a new folder)."""
+    plan, _ = read_plan(folder)
+    return {s.name: (s.salt, s.by_prompt) for s in plan.specs}
 
 
 @functools.cache

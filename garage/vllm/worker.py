@@ -50,6 +50,7 @@ class TokenTable(nn.Module):
     def __init__(self, size: int, plan: ServePlan, device: torch.device) -> None:
         super().__init__()
         self.plan = plan
+        self.rows = {name: plan.index(name) for name in plan.names}  # looked up for every request at every step
         self.steps: dict[int, list[nn.Module]] = {}  # each spec's ops in plan order, as `inj.ops` holds them
         for name in ("spec", "pos", "prompt"):
             self.register_buffer(name, torch.zeros(size, dtype=torch.long, device=device), persistent=False)
@@ -57,7 +58,7 @@ class TokenTable(nn.Module):
     def spec_of(self, params: Any) -> int:
         """The spec row a request's SamplingParams choose (the engine's front end refused unknown names)."""
         name = ((getattr(params, "extra_args", None) or {}).get(REQUEST_KEY)) if params is not None else None
-        return self.plan.index(name) if name in self.plan.names else 0
+        return self.rows.get(name, 0) if isinstance(name, str) else 0
 
     def fill(self, spec: np.ndarray, pos: np.ndarray, prompt: np.ndarray) -> None:
         """Write one step's facts; rows past its tokens (a CUDA graph's padding) run the plain model."""
