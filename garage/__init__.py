@@ -9,12 +9,12 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
     check    graph checks and lints       (fake-tensor shapes, networkx, blade rules)
     runtime  InjectedModel and hooks      (scoring, generation, torch.compile, .pt2)
 
-`compiler` (compile, hook), `analyze`, `vectors`, `blades`, `training` and `cli` sit on top (`models`,
-models by name, below every stage); `core` and `inject` keep the seed
+`compiler` (compile, hook), `patching`, `steering`, `pictures`, `analyze`, `vectors`, `blades`, `training`
+and `cli` sit on top (`models`, models by name, below every stage); `core` and `inject` keep the seed
 library's import paths. Private torch and transformers APIs are used only in `_compat`.
 """
 
-from . import analyze, blades, vectors
+from . import analyze, blades, patching, pictures, steering, vectors
 from ._version import __version__
 from .check.validate import Report, check
 from .compiler import compile, hook
@@ -63,8 +63,11 @@ __all__ = [
     "load",
     "load_artifact",
     "parse",
+    "patching",
+    "pictures",
     "register",
     "resolve",
+    "steering",
     "train",
     "vectors",
 ]

@@ -86,6 +86,20 @@ def with_more_inputs(graph: torch.fx.Graph, extra: int) -> None:
     graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, spec, info.out_spec))
 
 
+def with_more_kwargs(graph: torch.fx.Graph, names: list[str]) -> None:
+    """Let a graph that takes keyword inputs take these more (its last placeholders, in this order), by giving
+    it a new pytree codegen, as `with_more_inputs` does (`_PyTreeCodeGen`, `_PyTreeInfo`, checked on torch
+    2.13). If the classes change, patching from a source input fails at this call, and the patching tests
+    fail."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    from torch.utils import _pytree as pytree
+
+    info = graph._codegen.pytree_info  # type: ignore[attr-defined]
+    args, kwargs = pytree.tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
+    spec = pytree.tree_structure((args, {**kwargs, **{name: 0 for name in names}}))
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo([*info.orig_args, *names], spec, info.out_spec))
+
+
 def statically_known_true(condition: Any) -> bool:
     """Whether a symbolic shape condition holds for every size (torch.fx.experimental.symbolic_shapes,
     an experimental namespace; checked on torch 2.13). If it goes, shape checks fail at import."""

@@ -3,7 +3,9 @@
 `capture` records hidden states by site name (through hooks, so nothing is traced). `layer_stats`
 summarises a tensor. `compare` runs the model with and without a spec and reports, per block, the
 cosine similarity and L2 distance between the two residual streams, over real (unpadded) tokens.
-`routing` does the same for MoE routers: how each expert's share of the tokens moves.
+`routing` does the same for MoE routers: how each expert's share of the tokens moves. `patching` (from
+`garage.patching`) sweeps activation patching between a clean and a corrupt prompt; `strength_sweep` (from
+`garage.steering`) measures a steering strength's effect and damage over a range of coefficients.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from . import ops
 from .compiler import SpecLike, hook
 from .lang.spec import Bias, Force
 from .models import tokenizer_of, vocab_hash
+from .patching import PatchingResult, patching  # noqa: F401 (garage.analyze.patching is the public name)
+from .steering import StrengthSweep, strength_sweep  # noqa: F401 (likewise strength_sweep)
 from .plan.archs import ModelInfo, text_config
 from .plan.build_ops import at_site
 from .plan.prepare import sites_named

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .check.validate import validate
+from .lang import spec as ast
 from .lang.diagnostics import GarageWarning, ValidationError
 from .ops import innermost
 from .plan.prepare import Prepared, SpecLike, prepare
@@ -62,4 +63,14 @@ def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = N
             live[0].op.span, "a blade from a live source model runs in garage.compile only, not under hooks",
             "use garage.compile (garage run without --hooks), or record the source's state with garage blade "
             "extract and add the file")])
+    patches = [step for step in prepared.plan if isinstance(step.op, ast.Patch)]
+    if patches:
+        raise ValidationError([prepared.spec.source.diagnostic(
+            patches[0].op.span, "`patch` runs in garage.compile only, not under hooks: its source input runs in "
+            "the same graph", "use garage.compile and pass source= to the injected model")])
+    gated = [step for step in prepared.plan if step.when is not None]
+    if gated:
+        raise ValidationError([prepared.spec.source.diagnostic(
+            gated[0].when.condition.span if gated[0].when else None, "a condition (`when …`) runs in garage.compile "
+            "only, not under hooks: it reads another site's value in the same graph", "use garage.compile")])
     return attach(model, [s.site for s in prepared.plan], modules), prepared

@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (34 mutations, about an hour on 2 cores)
+    python tests/mutations.py            # every mutation (38 mutations, about an hour on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
          "tests/test_blades.py", "tests/test_live_blades.py", "tests/test_train.py",
-         "tests/test_seed.py", "tests/test_architectures.py"]
+         "tests/test_seed.py", "tests/test_architectures.py", "tests/test_patching.py", "tests/test_patching_sweeps.py"]
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
@@ -75,6 +75,10 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "sequence blade row": ("garage/ops/blade.py", "positions.clamp(0, length - 1)", "(positions + 1).clamp(0, length - 1)"),
     "router logits": ("garage/fx/locate.py", "in_scope(n, path) and shape.matches(n)][:1]",
                       "in_scope(n, path) and shape.matches(n)][-1:]"),
+    "patch pairs the wrong last token": ("garage/ops/patch.py", "(pos == base_len - 1)", "(pos == base_len - 2)"),
+    "patch ignores mix": ("garage/ops/patch.py", "* weight * self.units * self.mix", "* weight * self.units"),
+    "patch ignores the sweep's weight": ("garage/ops/patch.py", "* weight * self.units * self.mix", "* self.units * self.mix"),
+    "patch reads past the source's end": ("garage/ops/patch.py", "sel = real & (pos < source_len)", "sel = real"),
 }
 
 

@@ -29,7 +29,7 @@ def where(d: Diagnostic) -> tuple[int, int, int]:
         ("at h.6 debate gated views dropuot", (1, 27, 34), "unknown word 'dropuot'", "did you mean 'dropout'?"),
         ("at h.6 scale", (1, 13, 14), "incomplete statement: expected a number", None),
         ("at h.6 scale x", (1, 14, 15), "unexpected 'x'", "expected a number"),
-        ("at h.6 scale 0.9 1", (1, 18, 19), "unexpected '1'", "expected the end of the statement"),
+        ("at h.6 scale 0.9 1", (1, 18, 19), "unexpected '1'", "expected 'when', the end of the statement"),
         ('at h.6 add "x.pt', (1, 12, 17), "unterminated string", 'close the string with "'),
         ("at h.6 $ zero", (1, 8, 9), "unexpected character '$'", None),
         ("at h.6[-2] zero", (1, 8, 10), "position -2 is not supported", "[last]"),
@@ -76,7 +76,7 @@ def test_rendering_is_compiler_style():
         "    at h.6 scael 0.9\n"
         "           ^^^^^\n"
         "  hint: did you mean 'scale'? (expected 'ablate', 'add', 'bias', 'blade', 'capture', 'clamp', 'debate', "
-        "'force', 'mask', 'module', 'noise', 'scale', 'zero')"
+        "'force', 'mask', 'module', 'noise', 'patch', 'scale', 'zero')"
     )
 
 

@@ -21,6 +21,7 @@ from ..fx.kinds import GraphKind
 from ..fx.locate import HiddenShape, SiteNotFound
 from ..fx.rewrite import Rewritten, site_location
 from ..fx.store import trace_diagnostic
+from ..lang import spec as ast
 from ..lang.diagnostics import Diagnostic, Problem, Severity, ValidationError, render
 from ..plan.prepare import Prepared, SpecLike, prepare
 from .lints import (
@@ -80,7 +81,8 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
     its scoring graph; both hold every site, so the findings are the same."""
     plan, source = prepared.plan, prepared.spec.source
     try:
-        checked = store.checked_graph(model, source.filename)
+        patches = any(isinstance(step.op, ast.Patch) for step in plan)  # they run on forward calls only
+        checked = store.checked_graph(model, source.filename, scoring=patches)
     except TraceFailure as failure:  # a wrapper's forward would run under hooks too: refused
         return [trace_diagnostic(failure, source.filename)], {}, failure
     out: list[Diagnostic] = [checked.warning] if checked.warning else []

@@ -21,15 +21,18 @@ from . import (
     check,
     compare,
     explain,
+    export,
     fmt,
+    patch,
     run,
     serve,
+    sweep,
     train,
     vector,
 )
 from .common import EXIT_ERRORS, EXIT_USAGE, diagnostics_json, library_progress
 
-COMMANDS = (check, explain, run, serve, train, analyze, compare, vector, blade, fmt, cache)  # in `--help` order
+COMMANDS = (check, explain, run, serve, train, analyze, patch, sweep, compare, vector, export, blade, fmt, cache)  # in `--help` order
 
 
 def parser() -> argparse.ArgumentParser:

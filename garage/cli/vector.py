@@ -21,6 +21,10 @@ def add(sub: Any) -> None:
     p.add_argument("--neg-file", type=Path, metavar="FILE", help="negative prompts, one a line")
     p.add_argument("--reduce", choices=("mean", "last"), default="mean",
                    help="each prompt's state: the mean over its tokens, or its last token (default: mean)")
+    p.add_argument("--method", choices=vectors.METHODS, default="mean",
+                   help="mean: mean positive state minus mean negative; pca_diff, pca_center: repeng's PCA "
+                        "directions (the i-th positive prompt pairs with the i-th negative); probe: a logistic "
+                        "regression's weight (default: mean)")
     p.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
     p.set_defaults(run=run)
 
@@ -29,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
     positive, negative = prompts(args.pos, args.pos_file), prompts(args.neg, args.neg_file)
     if not positive or not negative:
         raise ValueError("give positive and negative prompts: --pos/--pos-file and --neg/--neg-file")
+    vectors.check_method(args.method, len(positive), len(negative))  # before the model loads
     name = model_name(args)
     with step(f"loading {name}"):
         model, tokenizer = load_model_and_tokenizer(name)
     with step(f"reading {args.site} on {len(positive)} positive and {len(negative)} negative prompts"):
-        vector = vectors.contrast(model, tokenizer, positive, negative, site=args.site, reduce=args.reduce)
-    made = vectors.metadata(model, args.site, len(positive) + len(negative), args.reduce)
+        vector = vectors.contrast(model, tokenizer, positive, negative, site=args.site, reduce=args.reduce,
+                                   method=args.method)
+    made = vectors.metadata(model, args.site, len(positive) + len(negative), args.reduce, args.method)
     path = vectors.save(args.output, vector, **made, source_model=name)
-    print(f"{path}: [{vector.shape[0]}] at {made['site']}, norm {vector.norm():.4g}")
+    print(f"{path}: [{vector.shape[0]}] at {made['site']} by {args.method}, norm {vector.norm():.4g}")
     return EXIT_OK

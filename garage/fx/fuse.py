@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .._compat import with_more_inputs
-from ..ops import innermost
+from ..ops import Conditional, innermost
 from ..plan.resolve import ConcreteSite
-from . import store
+from . import patch_source, store
 from .kinds import GraphKind, Step
+from .patch_source import needed as depends
 from .rewrite import Rewritten, Splicer, attribute, inject, site_location
 from .steps import STEP_ARGS
 
@@ -53,29 +54,18 @@ def live_sources(modules: Sequence[nn.Module], kind: GraphKind) -> dict[int, Sou
     return found
 
 
-def _needed(start: Node) -> set[Node]:
-    """The site value and every node it depends on."""
-    seen, todo = {start}, [start]
-    while todo:
-        for node in todo.pop().all_input_nodes:
-            if node not in seen:
-                seen.add(node)
-                todo.append(node)
-    return seen
-
-
-def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, Node], dict[str, object]]:
+def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, tuple[Node, ...]], dict[str, object]]:
     """Copy each source's needed nodes into `graph`, right after its inputs; the site value of each op
     index in the target graph, and the source tensors the copies read (by their new attribute names)."""
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     by_name = {n.name: n for n in inputs}
-    values: dict[int, Node] = {}
+    values: dict[int, tuple[Node, ...]] = {}
     owners: dict[str, object] = {}
     own: list[Node] = []  # the sources' own inputs (cache buffers), added after the target's
     anchor = inputs[-1]
     for i, source in sources.items():
         nodes = {n.name: n for n in source.base.graph.nodes}
-        needed = _needed(nodes[source.node])
+        needed = depends([nodes[source.node]])
         placeholders = [n for n in source.base.graph.nodes if n.op == "placeholder"]
         shared = len(placeholders) if source.shared_inputs is None else source.shared_inputs
         copies: dict[Node, Node] = {}
@@ -98,7 +88,7 @@ def splice(graph: Graph, sources: Mapping[int, SourceGraph]) -> tuple[dict[int, 
                 copy.target = prefix + str(node.target)
                 owners[copy.target] = attribute(source.base, str(node.target))
             copies[node] = anchor = copy
-        values[i] = copies[nodes[source.node]]
+        values[i] = (copies[nodes[source.node]],)
     if own:
         with_more_inputs(graph, len(own))
     return values, owners
@@ -110,11 +100,39 @@ def splicer(modules: Sequence[nn.Module], kind: GraphKind) -> Splicer | None:
     return functools.partial(splice, sources=sources) if sources else None
 
 
+def _both(first: Splicer | None, second: Splicer | None) -> Splicer | None:
+    """One splicer that runs both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def spliced(graph: Graph) -> tuple[dict[int, tuple[Node, ...]], dict[str, object]]:
+        (values, owners), (more_values, more_owners) = first(graph), second(graph)
+        return {**values, **more_values}, {**owners, **more_owners}
+    return spliced
+
+
+def conditions(base: GraphModule, modules: Sequence[nn.Module], hidden: int, prefix: str) -> Splicer | None:
+    """What a conditional op reads after h: its condition site's value (as the model computed it there,
+    before any op at that site) and the graph's attention mask (None in a graph without one)."""
+    where = {i: site_location(base, cast(ConcreteSite, m.site), hidden, prefix).node for i, m in enumerate(modules)
+             if isinstance(m, Conditional)}
+    if not where:
+        return None
+
+    def spliced(graph: Graph) -> tuple[dict[int, tuple[Node, ...]], dict[str, object]]:
+        nodes = {n.name: n for n in graph.nodes}
+        mask = nodes.get("attention_mask")
+        return {i: (nodes[name], mask) for i, name in where.items()}, {}  # type: ignore[misc]
+    return spliced
+
+
 def injected(kind: GraphKind, base: GraphModule, sites: Sequence[ConcreteSite], modules: Sequence[nn.Module],
              hidden: int) -> Rewritten:
     """`base`, a graph of this kind, with `modules[i]` applied at `sites[i]`, and any live blade sources
-    among them fused in."""
-    return inject(base, sites, modules, hidden, kind.prefix, kind.position_inputs, splicer(modules, kind))
+    and patches' source runs among them fused in, and conditions' sites wired to their ops."""
+    patched = {i: site_location(base, sites[i], hidden, kind.prefix).node for i in patch_source.patch_indices(modules)}
+    both = _both(_both(splicer(modules, kind), patch_source.splicer(base, patched)), conditions(base, modules, hidden, kind.prefix))
+    return inject(base, sites, modules, hidden, kind.prefix, kind.position_inputs, both)
 
 
 __all__ = ["SOURCE_PREFIX", "SourceGraph", "injected", "live_sources", "splice", "splicer"]

@@ -80,9 +80,9 @@ def graph_module(base: GraphModule, graph: Graph, extra: dict[str, object]) -> G
     return graph_module_like(base, owners, graph)
 
 
-# Adds other graphs' nodes to a graph (`fx.fuse.splice`): the value each op index reads after h, and the
-# tensors the added nodes read, by attribute name.
-Splicer = Callable[[Graph], tuple[dict[int, Node], dict[str, object]]]
+# Adds other graphs' nodes to a graph (`fx.fuse.splice`, `fx.patch_source.splice`): the values each op index
+# reads after h, and the tensors the added nodes read, by attribute name.
+Splicer = Callable[[Graph], tuple[dict[int, tuple[Node, ...]], dict[str, object]]]
 
 
 def inject(
@@ -99,7 +99,8 @@ def inject(
     Position-limited ops also receive the graph inputs named in `position_inputs` (None, or a name the
     graph lacks, passes None): the attention mask, in generation graphs the prompt lengths and the
     position ids, and the input ids (whose shape gives batch and sequence for flattened values).
-    Live blades receive their source's state, from the nodes `splicer` adds.
+    Live blades receive their source's state, and patches their source run's values, from the nodes
+    `splicer` adds.
     """
     locations = [site_location(base, site, hidden, prefix) for site in sites]
     graph = copy_graph(base)
@@ -124,7 +125,7 @@ def inject(
             submodules[name] = modules[i]
             extra = position_args if takes_positions(modules[i]) else ()
             if i in sourced:
-                extra = (sourced[i], *extra)
+                extra = (*sourced[i], *extra)
             with graph.inserting_after(value):
                 new = graph.call_module(name, (value, *extra))
             new.meta["val"] = origin.meta.get("val")

@@ -45,7 +45,7 @@ from ..lang.diagnostics import Diagnostic
 from ..plan.archs import config_hash
 from . import export, kinds, steps
 from .export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, offloaded
-from .kinds import GraphKind, Shape, Static, checked_kinds
+from .kinds import GraphKind, Scoring, Shape, Static, checked_kinds
 from .locate import SiteNotFound
 
 log = logging.getLogger("garage")
@@ -232,11 +232,12 @@ def route(model: nn.Module, kind: GraphKind, place: Callable[[GraphKind, GraphMo
                                                   kind.use))
 
 
-def checked_graph(model: nn.Module, filename: str) -> Route[GraphModule]:
+def checked_graph(model: nn.Module, filename: str, scoring: bool = False) -> Route[GraphModule]:
     """The graph a spec is checked on: the first of `checked_kinds` that traces (for a causal LM the
-    generation step, what `garage run` needs first, so checking costs no extra export), else what stands in
-    for the last, a graph of the example shape or hooks (kind None)."""
-    kinds = checked_kinds(model)
+    generation step, what `garage run` needs first, so checking costs no extra export; the scoring graph
+    when `scoring`, for a spec that only scores), else what stands in for the last, a graph of the example
+    shape or hooks (kind None)."""
+    kinds = [Scoring()] if scoring else checked_kinds(model)
     for kind in kinds[:-1]:
         try:
             return Route(kind, graph(model, kind))

@@ -144,6 +144,8 @@ def format_op(op: ast.Op) -> str:
             words += ["*", format_number(op.factor)]
     elif isinstance(op, ast.Clamp):
         words += [format_number(op.low), format_number(op.high)]
+    elif isinstance(op, ast.Patch):
+        words += ["from", "source"] + (["mix", format_number(op.mix)] if op.mix is not None else [])
     elif isinstance(op, ast.Noise):
         words.append(format_number(op.std))
         if op.always:
@@ -185,7 +187,14 @@ def format_statement(stmt: ast.Statement) -> str:
     if isinstance(stmt, ast.Expect):
         value = format_string(stmt.value) if isinstance(stmt.value, str) else str(stmt.value)
         return f"expect {stmt.key} {value}"
-    return f"at {format_site(stmt.site)} {format_op(stmt.op)}"
+    text = f"at {format_site(stmt.site)} {format_op(stmt.op)}"
+    return text if stmt.when is None else f"{text} {format_condition(stmt.when)}"
+
+
+def format_condition(when: ast.Condition) -> str:
+    """`when SITE @ VALUE > F [soft T]`."""
+    text = f"when {format_site(when.site)} @ {format_value(when.value)} {when.compare} {format_number(when.threshold)}"
+    return text + (f" soft {format_number(when.soft)}" if when.soft is not None else "")
 
 
 def format_spec(spec: ast.Spec) -> str:

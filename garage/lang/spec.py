@@ -286,25 +286,48 @@ ROUTER_OPS = (Bias, Mask, Force)  # ops on router logits only
 
 
 @dataclass(frozen=True)
+class Patch:
+    """`patch from source [mix F]`: the site's value from a second (source) input, h ← h + F·(s − h)."""
+
+    keyword: ClassVar[str] = "patch"
+    mix: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Capture:
     keyword: ClassVar[str] = "capture"
     name: str
     span: Span = _span()
 
 
-Op = Union[Scale, Add, Learn, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Capture]
+Op = Union[Scale, Add, Learn, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Patch, Capture]
 OP_KEYWORDS = ("scale", "add", "ablate", "zero", "clamp", "noise", "module", "blade", "debate", "bias", "mask", "force",
-               "capture")
+               "patch", "capture")
 
 
 # ------------------------------------------------------------------ statements
 @dataclass(frozen=True)
+class Condition:
+    """`when SITE @ VALUE > F [soft T]`: a row's mean cosine of SITE's state with VALUE, compared with F
+    (a step at F, or a sigmoid of temperature T)."""
+
+    site: Site
+    value: Value
+    compare: str  # ">" or "<"
+    threshold: float
+    soft: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class At:
-    """`at SITE OP`."""
+    """`at SITE OP [when CONDITION]`."""
 
     site: Site
     op: Op
     span: Span = _span()
+    when: Condition | None = None
 
 
 EXPECT_KEYS = ("layers", "hidden", "model")

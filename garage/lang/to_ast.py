@@ -42,7 +42,7 @@ def _unquote(token: Token) -> str:
     return "".join(out)
 
 
-_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".gguf")
 
 
 def _file_value(text: str, span: Span) -> ast.FileValue:
@@ -95,8 +95,18 @@ class ToAst(Transformer_NonRecursive):
 
     # statements ------------------------------------------------------
     def at_stmt(self, meta: Meta, children: list[Any]) -> ast.At:
-        site, op = children
-        return ast.At(site, op, self._span(meta))
+        site, op, *when = children
+        return ast.At(site, op, self._span(meta), when[0] if when else None)
+
+    def condition(self, meta: Meta, children: list[Any]) -> ast.Condition:
+        site, value, compare, threshold, *soft = children
+        if soft and not soft[0] > 0:
+            raise Problem(self._span(meta), f"a soft condition's temperature must be positive, got {soft[0]:g}",
+                          "write soft 0.05 (smaller is sharper), or leave it out for a hard threshold")
+        if site.positions is not None or getattr(site, "heads", None) is not None:
+            raise Problem(site.span, "a condition reads a site's whole state: the mean over a row's tokens",
+                          "write the condition's site without [positions] or {heads}")
+        return ast.Condition(site, value, str(compare), threshold, soft[0] if soft else None, self._span(meta))
 
     def expect_key(self, meta: Meta, children: list[Any]) -> str:
         return str(children[0])
@@ -265,6 +275,13 @@ class ToAst(Transformer_NonRecursive):
         if low > high:
             raise Problem(self._span(meta), f"clamp bounds are reversed: {low:g} > {high:g}", "write clamp LO HI")
         return ast.Clamp(low, high, self._span(meta))
+
+    def patch(self, meta: Meta, children: list[Any]) -> ast.Patch:
+        mix = children[0] if children else None
+        if mix is not None and not 0 <= mix <= 1:
+            raise Problem(self._span(meta), f"mix must lie in [0, 1], got {mix:g}",
+                          "mix 0 keeps the base value, mix 1 takes the source's, mix 0.5 is halfway")
+        return ast.Patch(mix, self._span(meta))
 
     def noise(self, meta: Meta, children: list[Any]) -> ast.Noise:
         std = children[0]

@@ -10,18 +10,20 @@ from .base import Op, place, placement
 from .blade import Blade, LiveSource, ModuleSource, TensorSource
 from .capture import Capture
 from .clamp import Clamp
+from .condition import MAX_ROWS, Conditional
 from .debate import Debate, chamber
 from .experts import MaskExperts
 from .heads import Heads
 from .module import REGISTRY, register
 from .noise import Noise
+from .patch import Patch
 from .positions import AtPositions, token_positions
 from .scale import Scale
 from .wrapper import Wrapper, innermost, takes_positions
 from .zero import Zero
 
 __all__ = [
-    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Debate", "Heads", "LiveSource", "MaskExperts", "ModuleSource",
-    "Noise", "Op", "REGISTRY", "Scale", "TensorSource", "Wrapper", "Zero", "chamber", "innermost", "place",
+    "Ablate", "Add", "AtPositions", "Blade", "Capture", "Clamp", "Conditional", "MAX_ROWS", "Debate", "Heads", "LiveSource", "MaskExperts", "ModuleSource",
+    "Noise", "Op", "Patch", "REGISTRY", "Scale", "TensorSource", "Wrapper", "Zero", "chamber", "innermost", "place",
     "placement", "register", "takes_positions", "token_positions",
 ]

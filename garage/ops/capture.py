@@ -6,7 +6,10 @@ from .base import Op
 
 
 class Capture(Op):
-    """h unchanged; a detached copy is kept in `store[key]` (the InjectedModel's `.captures`)."""
+    """h unchanged; a detached copy is kept in `store[key]` (the InjectedModel's `.captures`).
+
+    Each call replaces it, so that the op does the same thing in every graph and never grows a value
+    inside one. During generation `runtime.recording` takes each call's copy out, and joins them."""
 
     observes_only = True
 

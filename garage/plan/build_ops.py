@@ -230,8 +230,23 @@ def _router_op(op: ast.Bias | ast.Mask | ast.Force, step: Step, ctx: BuildContex
     return ops.Add(*vector(op.experts, ctx), factor=factor)
 
 
+def _patch(op: ast.Patch, site: ConcreteSite) -> nn.Module:
+    """A patch picks its own tokens and heads, since it reads the source's value at matching ones."""
+    pos = site.positions
+    if pos is not None and pos.kind == "new":
+        raise Problem(op.span, "`patch` pairs tokens of two inputs, and the source has no generated tokens",
+                      "patch at [last], [prompt], [i] or [a:b], or at every token (no brackets)")
+    heads = site.head_count if site.kind == "attn.heads" else 0
+    mix = 1.0 if op.mix is None else op.mix
+    if pos is None or pos.kind == "prompt":
+        return ops.Patch(mix, heads=heads, chosen=site.heads)
+    return ops.Patch(mix, pos.kind, pos.start, pos.stop, heads, site.heads)
+
+
 def build_op(step: Step, ctx: BuildContext, capture_key: str | None = None) -> nn.Module:
     """One op module for one step, wrapped to act on the site's chosen heads and token positions."""
+    if isinstance(step.op, ast.Patch):
+        return _patch(step.op, step.site)
     if isinstance(step.op, ast.Capture):
         module: nn.Module = ops.Capture(ctx.captures, capture_key or step.op.name)
     elif isinstance(step.op, ast.ROUTER_OPS):
@@ -242,6 +257,23 @@ def build_op(step: Step, ctx: BuildContext, capture_key: str | None = None) -> n
         raise Problem(step.op.span, "a sequence blade cannot be added at attention heads",
                       "add it at a block, attn or mlp site, or use a one-vector blade")
     return at_site(module, step.site)
+
+
+def gated(module: nn.Module, step: Step, ctx: BuildContext) -> nn.Module:
+    """The op under its statement's condition (`when …`), if it has one; ctx.hidden is the model's width."""
+    if step.when is None:
+        return module
+    condition = step.when.condition
+    if isinstance(step.op, (ast.Capture, ast.Patch)):
+        raise Problem(condition.span, f"`{step.op.keyword}` takes no condition: a condition chooses the rows an op "
+                      "changes", "put the condition on an op that changes h (add, scale, ablate, …)")
+    if getattr(ops.innermost(module), "live", None) is not None:
+        raise Problem(condition.span, "a blade from a live source takes no condition", "take the blade from a file")
+    direction, _ = vector(condition.value, ctx)
+    if not direction.abs().sum() > 0:
+        raise Problem(condition.value.span, f"{_shown(condition.value)} is a zero vector: a condition needs a direction",
+                      "give a non-zero condition vector")
+    return ops.Conditional(module, direction, step.when.site, condition.compare, condition.threshold, condition.soft)
 
 
 def at_site(module: nn.Module, site: ConcreteSite) -> nn.Module:

@@ -1,7 +1,8 @@
-"""Tensor files named in specs, loaded without ever executing code: safetensors, or torch.load(weights_only=True).
+"""Tensor files named in specs, loaded without ever executing code: safetensors, torch.load(weights_only=True),
+or GGUF (a control vector of repeng or llama.cpp, read by the gguf package's memory-mapped reader).
 
-Reads are bounded: only regular files are opened, shapes are read from the file's header (safetensors) or
-its memory-mapped storage (torch's zip format) before any data is, and a tensor larger than
+Reads are bounded: only regular files are opened, shapes are read from the file's header (safetensors,
+GGUF) or its memory-mapped storage (torch's zip format) before any data is, and a tensor larger than
 MAX_ELEMENTS is refused before it is allocated.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -19,6 +21,9 @@ import torch
 
 SAFETENSORS = (".safetensors",)
 TORCH_FILES = (".pt", ".pth", ".bin")
+GGUF_FILES = (".gguf",)
+GGUF_INSTALL = "pip install gguf"
+DIRECTION = re.compile(r"direction\.(\d+)")  # a control vector's tensor for block K (see garage/interop.py)
 MAX_ELEMENTS = 1 << 28  # 256 M values (1 GiB of float32): far more than any vector or blade needs
 MAX_LISTED = 20  # tensor names listed in a hint
 
@@ -123,6 +128,35 @@ def _torch_file(full: Path, path: str, key: str | None) -> LoadedTensor:
     return LoadedTensor(tensor.clone())  # off the memory map, so the file is not held open
 
 
+def _gguf(full: Path, path: str, key: str | None) -> LoadedTensor:
+    """A float tensor of a GGUF file. A control vector's `direction.K` records layer K and the file's model
+    hint as the metadata the checker compares with where the vector is added."""
+    try:
+        import gguf
+    except ImportError:
+        raise FileProblem(f"reading {path} needs the gguf package", GGUF_INSTALL) from None
+    floats = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64}
+    try:  # the reader maps the file and parses only its header; a tensor's data is read when copied below
+        reader = gguf.GGUFReader(str(full))
+        tensors = {t.name: t for t in reader.tensors}
+        name = _choose(list(tensors), key, path)
+        found = tensors[name]
+        _check_size([int(n) for n in reversed(found.shape)], path)
+        if found.tensor_type not in floats:
+            raise FileProblem(f"{path}: tensor '{name}' is stored as {found.tensor_type.name}, not as floats",
+                              "garage reads F32, F16 and F64 tensors from .gguf files")
+        tensor = torch.from_numpy(found.data.copy())  # off the memory map, so the file is not held open
+        field = reader.get_field("controlvector.model_hint")
+        hint = bytes(field.parts[-1]).decode("utf-8") if field is not None and field.parts else ""
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as err:
+        raise FileProblem(f"{path} is not a readable GGUF file ({err})", "write it with gguf.GGUFWriter") from None
+    direction = DIRECTION.fullmatch(name)
+    if direction is None:
+        return LoadedTensor(tensor)
+    layer = str(int(direction.group(1)))
+    return LoadedTensor(tensor, {"layer": layer, "site": f"h.{layer}", **({"model_type": hint} if hint else {})})
+
+
 def load_tensor(path: str, key: str | None = None, base_dir: str | os.PathLike[str] | None = None) -> LoadedTensor:
     """The one tensor in a file (or the one named `key`). Raises FileProblem with a fix in its hint."""
     full = resolve_path(path, base_dir)
@@ -132,7 +166,9 @@ def load_tensor(path: str, key: str | None = None, base_dir: str | os.PathLike[s
         return _safetensors(full, path, key)
     if suffix in TORCH_FILES:
         return _torch_file(full, path, key)
+    if suffix in GGUF_FILES:
+        return _gguf(full, path, key)
     raise FileProblem(
         f"{path}: unsupported file type '{suffix or 'none'}'",
-        "use a .safetensors file (or .pt/.pth/.bin saved with torch.save)",
+        "use a .safetensors file (or .pt/.pth/.bin saved with torch.save, or a .gguf control vector)",
     )

@@ -26,7 +26,7 @@ from ..lang.diagnostics import (
 from ..lang.parse import parse_collect, parse_site, read_spec_file
 from ..ops import placement
 from .archs import ModelInfo
-from .build_ops import BuildContext, at_site, build_op, capture_keys
+from .build_ops import BuildContext, at_site, build_op, capture_keys, gated
 from .live import is_live, live_blade
 from .resolve import ConcreteSite, Plan, concrete_sites, resolve_collect
 
@@ -124,7 +124,7 @@ def prepare(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None 
                 width = step.site.op_width
                 here = ctx if width is None else replace(ctx, hidden=width, width_name=_width_name(step.site))
                 built = at_site(live_blade(step, here, model, info), step.site) if is_live(step) else build_op(step, here, key)
-                module = built.to(device=device, dtype=dtype)
+                module = gated(built, step, ctx).to(device=device, dtype=dtype)
             except Problem as problem:
                 failed.add(step.statement)
                 unbuilt.append(problem.diagnostic(spec.source))

@@ -73,6 +73,14 @@ class ConcreteSite:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A statement's condition (`when …`), with its site made concrete."""
+
+    site: ConcreteSite
+    condition: ast.Condition
+
+
+@dataclass(frozen=True)
 class Step:
     """One op at one concrete site, from statement number `statement` (0-based) of the spec."""
 
@@ -80,6 +88,7 @@ class Step:
     op: ast.Op
     span: Span
     statement: int
+    when: Gate | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +278,30 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
     return sites
 
 
+# ------------------------------------------------------------------ conditions
+GATE_KINDS = ("in", "attn", "mlp", "out")  # sites of the hidden width, one value a token
+# Where in a block each kind of site is computed, first to last (a module path counts as the block's start).
+IN_BLOCK = {"in": 0, "module": 0, "attn.heads": 1, "attn": 2, "mlp.hidden": 3, "router": 3, "mlp": 4, "out": 5}
+
+
+def _when(site: ConcreteSite, info: ModelInfo) -> tuple[int, int]:
+    return (info.num_layers, 0) if site.layer is None else (site.layer, IN_BLOCK[site.kind])
+
+
+def gate(info: ModelInfo, condition: ast.Condition, steered: list[ConcreteSite]) -> Gate:
+    """The condition's one site, which the model must compute before (or at) every steered site."""
+    found = concrete_sites(info, condition.site)
+    if len(found) != 1 or found[0].kind not in GATE_KINDS:
+        raise Problem(condition.site.span, "a condition reads one site of the hidden width: h.I, h.I.in, embed, "
+                      "h.I.attn or h.I.mlp", "name one block, e.g. when h.6 @ v > 0.25")
+    site = found[0]
+    late = [s for s in steered if _when(site, info) > _when(s, info) or (s.kind == "module" and s.layer == site.layer)]
+    if late:
+        raise Problem(condition.site.span, f"the condition reads {site.label}, which the model computes after "
+                      f"{late[0].label}, where the op acts", f"read the condition at or before {late[0].label}")
+    return Gate(site, condition)
+
+
 # ------------------------------------------------------------------ expectations
 def _check_expect(info: ModelInfo, stmt: ast.Expect) -> None:
     actual = {"layers": info.num_layers, "hidden": info.hidden_size, "model": info.model_type}[stmt.key]
@@ -296,8 +329,9 @@ def resolve_collect(spec: ast.Spec, info: ModelInfo) -> tuple[Plan, list[Diagnos
             if isinstance(stmt, ast.Expect):
                 _check_expect(info, stmt)
                 continue
-            for site in concrete_sites(info, stmt.site):
-                steps.append(Step(site, stmt.op, stmt.span, number))
+            sites = concrete_sites(info, stmt.site)
+            when = gate(info, stmt.when, sites) if stmt.when is not None else None
+            steps += [Step(site, stmt.op, stmt.span, number, when) for site in sites]
         except Problem as problem:
             diagnostics.append(problem.diagnostic(source))
     return Plan(tuple(steps), info, spec), diagnostics

@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule
 
 from .._compat import mark_dynamic, materialize, size_oblivious
+from ..fx.patch_source import WEIGHT_INPUT
 
 # Per graph kind, the dynamic dimensions of each positional input (the scoring graph takes kwargs).
 # The step graph: (ids, cache-length mask, positions, prompt lengths, slots, cache buffers), compiled twice:
@@ -19,9 +20,10 @@ _STEP_DIMS: dict[str, tuple[tuple[int, ...], ...]] = {
 
 
 def _mark_dynamic(kind: str, args: tuple, kwargs: dict[str, torch.Tensor]) -> None:
-    """Mark batch and length dimensions dynamic before a compiled call."""
-    for tensor in kwargs.values():
-        for dim in range(min(tensor.dim(), 2)):
+    """Mark batch and length dimensions dynamic before a compiled call. A patch weight is left static: its
+    size-1 dimensions broadcast, which a symbolic size could not."""
+    for name, tensor in kwargs.items():
+        for dim in range(min(tensor.dim(), 2) if name != WEIGHT_INPUT else 0):
             mark_dynamic(tensor, dim)
     for value, dims in zip(args, _STEP_DIMS.get(kind, ())):
         for dim in dims:

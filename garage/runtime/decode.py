@@ -16,6 +16,10 @@ from .sampling import Generation
 Step = Callable[..., Any]
 
 
+def _nothing() -> None:
+    """What runs after each step when the request asks for nothing."""
+
+
 def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, int]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, request: Generation, cache_dtype: torch.dtype) -> torch.Tensor:
     """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`.
@@ -23,7 +27,7 @@ def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, 
     Both steps run the step graph: `prompt_step` on the whole prompt, `token_step` on each new token (the
     two differ only when compiled). `kv_shapes` is (kv_heads, head_dim) for each flat cache entry
     (k0, v0, k1, v1, …). Tokens are chosen by `request` (`garage.runtime.sampling`), as `model.generate`
-    chooses them."""
+    chooses them. `request.after_call` runs after each step (where captures are recorded)."""
     mask = attention_mask.to(torch.long)
     batch, prompt_tokens = input_ids.shape
     device = input_ids.device
@@ -34,7 +38,9 @@ def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, 
     length = prompt_tokens + max_new_tokens
     cache = tuple(torch.zeros(batch, heads, length, dim, dtype=cache_dtype, device=device) for heads, dim in kv_shapes)
     full_mask = torch.cat([mask, mask.new_zeros(batch, max_new_tokens)], dim=-1)
+    called = request.after_call or _nothing
     logits = prompt_step(input_ids, full_mask, positions, prompt_length, torch.arange(prompt_tokens, device=device), cache)
+    called()
     tokens = input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(request.eos, device=device) if request.eos else None
@@ -56,4 +62,5 @@ def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, 
         last_position = last_position + 1
         slots = torch.full((1,), slot, dtype=torch.long, device=device)
         logits = token_step(next_token[:, None], full_mask, last_position, prompt_length, slots, cache)
+        called()
     return tokens

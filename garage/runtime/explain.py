@@ -8,9 +8,10 @@ from torch import nn
 
 from ..fx.locate import HiddenShape
 from ..fx.rewrite import Rewritten
-from ..lang.formatter import format_op
+from ..lang import spec as ast
+from ..lang.formatter import format_condition, format_op
 from ..ops import innermost
-from ..plan.resolve import Plan
+from ..plan.resolve import Plan, Step
 
 COLUMNS = ("line:col", "site", "module path", "shape", "fx node", "op")
 
@@ -21,20 +22,32 @@ def rows(plan: Plan, graph: Rewritten | None) -> list[dict[str, Any]]:
     "(hook)" and "-"."""
     if graph is None:
         return [{"line": step.span.line, "column": step.span.column, "site": step.site.label,
-                 "module_path": step.site.module_path, "shape": "-", "node": "(hook)", "op": format_op(step.op)}
+                 "module_path": step.site.module_path, "shape": "-", "node": "(hook)", "op": _op(step)}
                 for step in plan]
     nodes = {x.index: x.node for x in graph.inserted}
     values = {n.name: n.meta.get("val") for n in graph.graph_module.graph.nodes}
     sizes = HiddenShape.of(graph.graph_module.graph, plan.info.hidden_size)
     return [{"line": step.span.line, "column": step.span.column, "site": step.site.label,
-             "module_path": step.site.module_path, "node": nodes.get(i, "-"), "op": format_op(step.op),
+             "module_path": step.site.module_path, "node": nodes.get(i, "-"), "op": _op(step),
              "shape": sizes.describe(values.get(nodes.get(i, "-")), step.site.head_count)}
             for i, step in enumerate(plan)]
 
 
+def _op(step: Step) -> str:
+    return format_op(step.op) + ("" if step.when is None else " " + format_condition(step.when.condition))
+
+
 def sources(plan: Plan, ops: Sequence[nn.Module]) -> list[str]:
-    """One line per live blade source: which of its blocks run in the graph."""
+    """One line per live blade source: which of its blocks run in the graph; and one for the source input of
+    patches, if any."""
     lines = []
+    patched = [step.site for step in plan if isinstance(step.op, ast.Patch)]
+    if patched:
+        deepest = max((s.layer for s in patched if s.layer is not None), default=None)
+        reach = "the whole model up to the final norm" if any(s.kind == "final" for s in patched) else (
+            f"blocks 0..{deepest} of {plan.info.num_layers}" if deepest is not None else "the embeddings")
+        lines.append(f"source input (source=): {len(patched)} patch site(s) read one source run of {reach} in this "
+                     "graph, and not its later blocks or its head")
     for step, op in zip(plan, ops):
         live = getattr(innermost(op), "live", None)
         if live is not None:

@@ -19,6 +19,7 @@ from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, signature
 from ..fx.fuse import injected
 from ..fx.kinds import GraphKind, Scoring, Shape, Static, Step, Unpadded
 from ..fx.locate import SiteNotFound
+from ..fx.patch_source import SOURCE_INPUT, WEIGHT_INPUT, patch_indices
 from ..fx.rewrite import Rewritten
 from ..fx.steps import cache_shapes, unpadded_possible
 from ..lang.diagnostics import Diagnostic, ValidationError
@@ -50,7 +51,8 @@ class GraphBackend:
         self._served: dict[tuple[GraphKind, Shape | None], GraphKind] = {}  # asked → the kind the store routed to
         self._token: Runner | None = None
         self._sources = [live.model for m in ops if (live := getattr(innermost(m), "live", None)) is not None]
-        self._causal_path = all(unpadded_possible(m) for m in [model, *self._sources])
+        self.patches = len(patch_indices(ops))  # ops that read a source input's run
+        self._causal_path = not self.patches and all(unpadded_possible(m) for m in [model, *self._sources])
 
     # ------------------------------------------------------------------ graphs
     def _inject(self, kind: GraphKind, base: torch.fx.GraphModule) -> Rewritten:
@@ -118,6 +120,10 @@ class GraphBackend:
             raise ValidationError([Diagnostic("error", f"cannot build the {use} graph that a live blade source "
                                               f"needs: {warning.message}", self.plan.spec.filename,
                                               hint="take the blade from a file (garage blade extract)")])
+        if self.patches or any(step.when is not None for step in self.plan):  # they read other values in the graph
+            raise ValidationError([Diagnostic("error", f"cannot build the {use} graph that `patch` and `when` need: "
+                                              f"{warning.message}", self.plan.spec.filename,
+                                              hint="patches and conditions run in an fx graph of this model only")])
         self.fallbacks[use] = warning
         self._warn(warning)
 
@@ -127,7 +133,11 @@ class GraphBackend:
 
     # ------------------------------------------------------------------ scoring
     def score(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's output; a patching spec's inputs also hold `source_<name>` and `patch_weight`
+        (`InjectedModel.forward` puts them there), which only its scoring graph takes."""
         shape = (int(inputs["input_ids"].shape[0]), int(inputs["input_ids"].shape[1]))
+        if self.patches:
+            return self._patched(inputs, shape)
         found = None
         if self._unpadded(inputs):  # no padding: SDPA's causal path, with no mask materialized
             found = self._runner("scoring", Unpadded(), shape)
@@ -144,6 +154,19 @@ class GraphBackend:
                 self._refused("scoring", err)
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
         return self.hooks.score(inputs)
+
+    def _patched(self, inputs: dict[str, torch.Tensor], shape: Shape) -> Any:
+        """Scoring with the source inputs: always the padded scoring graph, never hooks (`_fall_back` raises)."""
+        source = SOURCE_INPUT.format("")
+        extra = {name: inputs.pop(name) for name in list(inputs) if name.startswith(source) or name == WEIGHT_INPUT}
+        inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        found = self._runner("scoring", Scoring(signature(inputs)), shape)
+        assert found is not None
+        try:
+            return found[1](**inputs, **extra)
+        except AssertionError as err:  # the graph's guards refused the base input: an error, said as such
+            self._refused("scoring", err)
+            raise
 
     def _unpadded(self, inputs: dict[str, torch.Tensor]) -> bool:
         """Whether this call can take the unpadded graph: only ids (and an all-ones mask), 2+ tokens.

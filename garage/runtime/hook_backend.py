@@ -35,7 +35,11 @@ class HookBackend:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
-        """`model.generate` under the hooks: it resolves the request and chooses tokens as garage's own loop does."""
+        """`model.generate` under the hooks: it resolves the request and chooses tokens as garage's own loop does.
+        `request.after_call` runs after each of the model's forward calls, as after each step of garage's loop."""
         generate: Any = getattr(self.model, "generate")  # a GenerationMixin method, untyped through nn.Module
-        with attach(self.model, self.sites, self.ops):
+        with attach(self.model, self.sites, self.ops) as hooks:
+            after = request.after_call
+            if after is not None:
+                hooks.handles.append(self.model.register_forward_hook(lambda _m, _a, _out: after()))
             return generate(input_ids, attention_mask=attention_mask, **request.generate_kwargs())

@@ -7,6 +7,7 @@ What it can be asked besides (`explain`, `.pt2` artefacts, learned parameters) l
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings as python_warnings
 from typing import Any
@@ -21,8 +22,9 @@ from ..fx.rewrite import Rewritten
 from ..fx.steps import can_generate
 from ..lang.diagnostics import Diagnostic, GarageWarning
 from ..plan.resolve import Plan
-from . import artifact, explain, params
+from . import artifact, explain, params, patching
 from .graph_backend import GraphBackend
+from .recording import recording
 from .sampling import Generation
 
 # Forward kwargs the scoring graph has baked in; passing them with these values is harmless.
@@ -76,7 +78,12 @@ class InjectedModel(nn.Module):
 
     # ------------------------------------------------------------------ calling
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                source: dict[str, torch.Tensor] | None = None, patch_weight: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
+        """Like the model's forward. A spec that patches (`patch from source`) also takes `source`, the
+        second input its patches read (`{"input_ids": …, "attention_mask": …}`: one row for every base
+        row, or one row for all), and optionally `patch_weight`, [batch or 1, patches, seq or 1, heads or
+        1]: each patch's weight per row and token (and head), 1 when not given (see `garage.analyze.patching`)."""
         inputs: dict[str, torch.Tensor] = {}
         for name, value in {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}.items():
             if isinstance(value, torch.Tensor):
@@ -87,6 +94,7 @@ class InjectedModel(nn.Module):
                 raise TypeError(f"InjectedModel does not take {name}={value!r}: the scoring graph has it baked in")
         if "input_ids" not in inputs:
             raise TypeError("InjectedModel needs input_ids")
+        inputs.update(patching.source_inputs(self.plan, self.backend.patches, inputs, source, patch_weight))
         self.captures.clear()
         return self.backend.score(inputs)
 
@@ -109,15 +117,18 @@ class InjectedModel(nn.Module):
         50 when sampling), and tokens are chosen as `model.generate` chooses them, with the config's logits
         processors (forced EOS, n-gram blocking, …); `options` are more generation config fields (min_p,
         repetition_penalty, …). Where the step graph cannot be built, `model.generate` runs under hooks
-        instead (see `fallbacks`)."""
+        instead (see `fallbacks`). Captures keep every step's values, joined along the sequence (see
+        `capture` in docs/language.md)."""
         if not can_generate(self.model):
             raise TypeError(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
+        patching.refuse(self.plan, "generation")
         request = Generation.resolve(getattr(self.model, "generation_config", None), max_new_tokens, do_sample,
                                      eos_token_id, pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
                                      **options)
         self.captures.clear()
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return self.backend.generate(input_ids, mask, request)
+        with recording(self.captures, self.ops, int(input_ids.shape[1])) as record:
+            return self.backend.generate(input_ids, mask, dataclasses.replace(request, after_call=record.called))
 
     # ------------------------------------------------------------------ artefacts and parameters
     def save(self, path: str | os.PathLike[str]) -> str:
@@ -129,6 +140,7 @@ class InjectedModel(nn.Module):
         return artifact.package(self._program(), path)
 
     def _program(self) -> torch.export.ExportedProgram:
+        patching.refuse(self.plan, "artifact")
         program = artifact.export_program(self.graph_module, vocab_size(self.model), model_device(self.model))
         self.captures.clear()
         return program

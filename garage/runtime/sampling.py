@@ -72,6 +72,9 @@ class Generation:
     pad_token_id: int | None
     config: Any  # a GenerationConfig (or None): the model's, with this request's options set on it
     asked: dict[str, Any]  # the options the caller gave, passed on as they are to `model.generate`
+    # Run after each forward call (the prompt's, then each new token's), outside any compiled graph: where
+    # `InjectedModel.generate` takes each call's captures (`runtime.recording`). The graph and hook backends call it.
+    after_call: Callable[[], None] | None = None
 
     @classmethod
     def resolve(cls, model_config: Any, max_new_tokens: int = 20, do_sample: bool = False,

@@ -121,6 +121,9 @@ def served_problems(prepared: Prepared) -> list[Diagnostic]:
                        "changes hidden states and router logits only (scale, add, ablate, zero, clamp, noise, "
                        "bias, mask, force)",
                        "run this spec with garage.compile, or remove this statement from the served spec")
+        elif step.when is not None:
+            problem = ("vLLM cannot run a condition (`when …`): a served spec acts on every request that names it",
+                       "serve the spec without the condition, or run it with garage.compile")
         elif step.site.kind not in SERVED_SITES:
             problem = (f"vLLM has no site {step.site.label}: it serves h.I, .in, .attn, .mlp, .mlp.hidden, "
                        ".attn.heads, .router, embed and final (its modules are not transformers' modules)",
