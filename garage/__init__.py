@@ -9,12 +9,13 @@ The pipeline, one subpackage a stage, each importing only the stages before it:
     check    graph checks and lints       (fake-tensor shapes, networkx, blade rules)
     runtime  InjectedModel and hooks      (scoring, generation, torch.compile, .pt2)
 
-`compiler` (compile, hook), `patching`, `steering`, `pictures`, `analyze`, `vectors`, `blades`, `training`
-and `cli` sit on top (`models`, models by name, below every stage); `core` and `inject` keep the seed
-library's import paths. Private torch and transformers APIs are used only in `_compat`.
+`compiler` (compile, hook), `patching`, `steering`, `pictures`, `analyze`, `vectors`, `features`, `blades`,
+`training` and `cli` sit on top (`models`, models by name, and `sae`, SAELens folders, below every stage);
+`core` and `inject` keep the seed library's import paths. Private torch and transformers APIs are used
+only in `_compat`.
 """
 
-from . import analyze, blades, patching, pictures, steering, vectors
+from . import analyze, blades, features, patching, pictures, sae, steering, vectors
 from ._version import __version__
 from .check.validate import Report, check
 from .compiler import compile, hook
@@ -58,6 +59,7 @@ __all__ = [
     "blades",
     "check",
     "compile",
+    "features",
     "format",
     "hook",
     "load",
@@ -67,6 +69,7 @@ __all__ = [
     "pictures",
     "register",
     "resolve",
+    "sae",
     "steering",
     "train",
     "vectors",

@@ -1,7 +1,7 @@
 """Steering curves: what a strength buys, and what it costs, measured over a range of coefficients.
 
 One statement's strength (the `* F` of `add`, `scale`'s factor, a blade's `alpha`, a debate's `strength`,
-`noise`'s std, `patch`'s `mix`) lives in a buffer of its op, so a sweep compiles the spec once and sets the
+`noise`'s std, `patch`'s `mix`, an SAE edit's X) lives in a buffer of its op, so a sweep compiles the spec once and sets the
 buffer for each coefficient: no retrace, no recompile. At each coefficient it measures
 - the effect: by default the log-probability gap of two word sets as the next word after some prompts
   (mean over prompts of mean log p(good) − mean log p(bad), each word's first token);
@@ -25,9 +25,9 @@ from .models import tokenizer_of
 from .ops import innermost
 from .runtime.injected import InjectedModel
 
-# Which buffer holds each op's strength (by AST node: `bias {…} * F` is an Add op of its own).
+# Which buffer holds each op's strength (by AST node: `bias {…} * F` is an Add op of its own; an SAE edit's X).
 STRENGTH = {ast.Add: "factor", ast.Learn: "factor", ast.Bias: "factor", ast.Scale: "factor", ast.Blade: "alpha",
-            ast.Debate: "strength", ast.Noise: "std", ast.Patch: "mix"}
+            ast.Debate: "strength", ast.Noise: "std", ast.Patch: "mix", ast.SaeFeatures: "amount"}
 EFFECT_PROMPTS = ("My day today was", "The movie I saw last night was", "When I think about my family, I feel",
                   "The food at that restaurant was", "Honestly, this weather makes me", "My new job is")
 GOOD, BAD = ("happy", "love", "great"), ("sad", "hate", "awful")
@@ -132,6 +132,8 @@ def strength_ops(inj: InjectedModel, statement: int | None) -> tuple[str, list[t
     found: dict[int, tuple[str, list[torch.Tensor]]] = {}
     for step, op in zip(inj.plan, inj.ops):
         name = STRENGTH.get(type(step.op))
+        if isinstance(step.op, ast.SaeFeatures) and step.op.action == "zero":
+            name = None  # `zero` has no X
         buffer = getattr(innermost(op), name, None) if name else None
         if isinstance(buffer, torch.Tensor):
             label = f"{step.span.line}:{step.span.column} {step.op.keyword} ({name})"

@@ -76,7 +76,7 @@ def test_rendering_is_compiler_style():
         "    at h.6 scael 0.9\n"
         "           ^^^^^\n"
         "  hint: did you mean 'scale'? (expected 'ablate', 'add', 'bias', 'blade', 'capture', 'clamp', 'debate', "
-        "'force', 'mask', 'module', 'noise', 'patch', 'scale', 'zero')"
+        "'force', 'mask', 'module', 'noise', 'patch', 'sae', 'scale', 'zero')"
     )
 
 

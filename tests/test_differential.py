@@ -31,6 +31,12 @@ class Shift(nn.Module):
 
 garage.register("shift", Shift)
 SEEDS = (0, 1)
+# MoE families run their experts one by one, eagerly, in both backends: they take one seed (the CI budget).
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def seeds_for(name: str) -> tuple[int, ...]:
+    return SEEDS[:1] if name in MOE else SEEDS
 
 # ops that must change the output at every site (capture, identity and eval-mode noise must not)
 CHANGING_OPS = {
@@ -138,7 +144,7 @@ def test_empty_spec_equals_the_model_exactly(arch):
 def test_changing_ops_agree_with_hooks_at_every_site(arch, op_name):
     name, model, plain = arch
     for site in sites_for(model):
-        for seed in SEEDS:
+        for seed in seeds_for(name):
             with torch.no_grad():
                 graph_out, hook_out, _ = run_both(model, f"at {site} {CHANGING_OPS[op_name]}", seed)
             assert_close(graph_out, hook_out)

@@ -17,8 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "garage"
 
 # The pipeline, earliest first. A module may import its own stage and the stages before it, never after.
-ORDER = ["_version", "_compat", "_guards", "_graph_format", "_cache", "models", "lang", "ops", "plan", "fx", "check", "runtime",
-         "compiler", "patching", "steering", "pictures", "analyze", "vectors", "interop", "conditions", "blades", "training", "vllm", "highlight", "core", "inject", "cli", "__init__", "__main__"]
+ORDER = ["_version", "_compat", "_guards", "_graph_format", "_cache", "models", "sae", "lang", "ops", "plan", "fx", "check", "runtime",
+         "compiler", "patching", "steering", "pictures", "analyze", "vectors", "interop", "conditions", "features", "blades", "training", "vllm", "highlight", "core", "inject", "cli", "__init__", "__main__"]
 STAGE_PACKAGES = ["lang", "ops", "plan", "fx", "check", "runtime"]
 
 

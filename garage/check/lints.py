@@ -2,12 +2,13 @@
 
 The graph check guards the rewrite itself: every injected node must reach the model's output (a
 networkx reachability question; `graph.lint()` in the rewrite already refuses a malformed graph). Lints are warnings, each naming its rule: ops that cancel or are dead, captures that
-are overwritten, and the blade rules from the research (N-4 depth, gated over identity, same domain).
+are overwritten, the blade rules from the research (N-4 depth, gated over identity, same domain), and
+vectors and SAEs used elsewhere than where they were made.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import networkx as nx
@@ -65,18 +66,19 @@ def dead_op_findings(plan: Plan) -> Iterator[Finding]:
                               "remove it, or move it before the zero", "dead-op")
             if isinstance(step.op, ast.Zero):
                 for earlier in steps[: steps.index(step)]:
-                    if not isinstance(earlier.op, (ast.Capture, ast.Zero)):
+                    if ast.capture_name(earlier.op) is None and not isinstance(earlier.op, ast.Zero):
                         yield Finding(earlier, f"`{earlier.op.keyword}` at {earlier.site.label} is undone by `zero` on line {step.span.line}",
                                       "remove one of them", "dead-op")
                 zero = step
     captured: dict[str, Step] = {}
     for step in plan:
-        if isinstance(step.op, ast.Capture):
-            previous = captured.get(step.op.name)
+        name = ast.capture_name(step.op)
+        if name is not None:
+            previous = captured.get(name)
             if previous is not None and previous.statement != step.statement:
-                yield Finding(previous, f"capture '{step.op.name}' is overwritten by line {step.span.line}",
+                yield Finding(previous, f"capture '{name}' is overwritten by line {step.span.line}",
                               "give each capture its own name", "capture-overwritten")
-            captured[step.op.name] = step
+            captured[name] = step
 
 
 def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:
@@ -141,6 +143,24 @@ def vector_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator
         if layer.isdigit() and step.site.layer is not None and int(layer) != step.site.layer:
             yield Finding(step, f"this vector was made at layer {layer} ({made.get('site', '?')}) but is used at "
                           f"layer {step.site.layer}", f"use it at h.{layer}, or make one at this layer", "vector-layer")
+
+
+def sae_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:
+    """Warnings: an SAE used at another site than the one its config's hook_name records it was trained on
+    (its features describe that site's activations, not these), or one whose hook garage cannot place."""
+    for step, module in zip(plan, modules):
+        inner = ops.innermost(module) if module is not None else None
+        if not isinstance(inner, (ops.SaeFeatures, ops.SaeCapture)) or inner.sae.hook_name is None:
+            continue
+        sae, here = inner.sae, step.site
+        trained = sae.trained_at
+        if trained is None:
+            yield Finding(step, f"this SAE was trained at {sae.hook_name}, a hook garage cannot match to a site",
+                          f"check that it reads {here.label}'s activations", "sae-site")
+        elif trained != (here.kind, here.layer):
+            yield Finding(step, f"this SAE was trained at {sae.hook_name} ({sae.site}) but is used at "
+                          f"{replace(here, positions=None).label}", f"use it at {sae.site}, or an SAE trained at this site",
+                          "sae-site")
 
 
 def dedupe(findings: Iterator[Finding]) -> list[Finding]:

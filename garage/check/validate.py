@@ -30,6 +30,7 @@ from .lints import (
     dead_op_findings,
     dedupe,
     graph_findings,
+    sae_findings,
     vector_findings,
 )
 from .shapes import check_module, user_module
@@ -122,7 +123,8 @@ def validate(model: nn.Module, prepared: Prepared) -> Validated:
     """Add the graph checks and lints to what preparing found; every diagnostic, and the checked graph."""
     found, graphs, cause = _graph_checks(model, prepared) if prepared.plan.steps else ([], {}, None)
     plan, modules = prepared.plan, prepared.modules
-    lints = dedupe(iter([*dead_op_findings(plan), *blade_findings(plan, modules), *vector_findings(plan, modules)]))
+    lints = dedupe(iter([*dead_op_findings(plan), *blade_findings(plan, modules), *vector_findings(plan, modules),
+                         *sae_findings(plan, modules)]))
     found += [_diagnostic(prepared, f) for f in lints]
     prepared.stages.setdefault(ValidationError, []).extend(found)
     diagnostics = sorted(prepared.diagnostics, key=lambda d: (d.line, d.column, not d.is_error))

@@ -25,6 +25,7 @@ from . import (
     fmt,
     patch,
     run,
+    sae,
     serve,
     sweep,
     train,
@@ -32,7 +33,7 @@ from . import (
 )
 from .common import EXIT_ERRORS, EXIT_USAGE, diagnostics_json, library_progress
 
-COMMANDS = (check, explain, run, serve, train, analyze, patch, sweep, compare, vector, export, blade, fmt, cache)  # in `--help` order
+COMMANDS = (check, explain, run, serve, train, analyze, patch, sweep, compare, vector, export, sae, blade, fmt, cache)  # in `--help` order
 
 
 def parser() -> argparse.ArgumentParser:

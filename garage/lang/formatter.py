@@ -178,6 +178,13 @@ def format_op(op: ast.Op) -> str:
         words.append(format_int_set(op.experts))
     elif isinstance(op, ast.Force):
         words.append(str(op.expert))
+    elif isinstance(op, ast.SaeFeatures):
+        chosen = str(op.features[0]) if len(op.features) == 1 else format_int_set(op.features)
+        words += [format_value(op.value), "feature", chosen, op.action]
+        if op.amount is not None:
+            words.append(format_number(op.amount))
+    elif isinstance(op, ast.SaeCapture):
+        words += [format_value(op.value), "capture", op.name]
     elif isinstance(op, ast.Capture):
         words.append(op.name)
     return " ".join(words)

@@ -301,9 +301,44 @@ class Capture:
     span: Span = _span()
 
 
-Op = Union[Scale, Add, Learn, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Patch, Capture]
+@dataclass(frozen=True)
+class SaeFeatures:
+    """`sae VALUE feature F EDIT`: features F (sorted, without repeats) of the SAE in VALUE (an SAELens folder, or
+    a bound SAE) edited through its decoder: `add X`, `clamp X`, `zero` or `scale X` (`action`, with X the
+    `amount`). `items` keeps each written feature or range (first, last, span), for errors at one of them."""
+
+    keyword: ClassVar[str] = "sae"
+    value: Value
+    features: tuple[int, ...]
+    action: str
+    amount: float | None = None
+    span: Span = _span()
+    items: tuple[tuple[int, int, Span], ...] = field(default=(), compare=False, repr=False)
+
+    def span_of(self, feature: int) -> Span:
+        """Where the spec names `feature`: its number, or the range holding it."""
+        return next((span for first, last, span in self.items if first <= feature <= last), self.span)
+
+
+@dataclass(frozen=True)
+class SaeCapture:
+    """`sae VALUE capture NAME`: h unchanged; the SAE's feature activations are kept in `.captures[NAME]`."""
+
+    keyword: ClassVar[str] = "sae"
+    value: Value
+    name: str
+    span: Span = _span()
+
+
+Op = Union[Scale, Add, Learn, Ablate, Zero, Clamp, Noise, ModuleOp, Blade, Debate, Bias, Mask, Force, Patch, SaeFeatures,
+           SaeCapture, Capture]
 OP_KEYWORDS = ("scale", "add", "ablate", "zero", "clamp", "noise", "module", "blade", "debate", "bias", "mask", "force",
-               "patch", "capture")
+               "patch", "sae", "capture")
+
+
+def capture_name(op: Op) -> str | None:
+    """The `.captures` name an op records under (`capture NAME`, `sae VALUE capture NAME`), or None."""
+    return op.name if isinstance(op, (Capture, SaeCapture)) else None
 
 
 # ------------------------------------------------------------------ statements

@@ -6,6 +6,7 @@ Positions from lark count from the start of the statement's chunk; `ToAst` maps 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,6 +63,8 @@ class HeadSet:
 
 
 Clause = tuple[str, Any, Span]  # a blade or debate clause: (field, value, span)
+_SET_ITEM = re.compile(r"(\d+)(?:\s*\.\.\s*(\d+))?")  # one item of an int_set: `12` or `40..43`
+FeatureSet = tuple[tuple[int, ...], tuple[tuple[int, int, Span], ...]]  # features, and each item's (first, last, span)
 
 
 @v_args(meta=True)
@@ -380,3 +383,27 @@ class ToAst(Transformer_NonRecursive):
 
     def capture(self, meta: Meta, children: list[Any]) -> ast.Capture:
         return ast.Capture(str(children[0]), self._span(meta))
+
+    # SAE features ------------------------------------------------------
+    def features(self, meta: Meta, children: list[Any]) -> FeatureSet:
+        """`12` or `{12, 40..43}`: the features, and each written item's span (read back from the set's
+        text, which int_set has already checked holds only numbers, ranges, commas and spaces)."""
+        if isinstance(children[0], Token):
+            feature = self._int(children[0], "feature")
+            return (feature,), ((feature, feature, self._tok(children[0])),)
+        text = self.chunk.text[meta.start_pos:meta.end_pos]
+        items = tuple((int(m[1]), int(m[2] or m[1]), _file_span(self.chunk, meta.line, meta.column + m.start(),
+                                                                 meta.column + m.end()))
+                      for m in _SET_ITEM.finditer(text))
+        return children[0], items
+
+    def sae_edit(self, meta: Meta, children: list[Any]) -> tuple[str, float | None]:
+        """`add X`, `clamp X`, `scale X` or `zero`: (action, X)."""
+        return (str(children[0]), children[1] if len(children) > 1 else None)
+
+    def sae_features(self, meta: Meta, children: list[Any]) -> ast.SaeFeatures:
+        value, (features, items), (action, amount) = children
+        return ast.SaeFeatures(value, features, action, amount, self._span(meta), items)
+
+    def sae_capture(self, meta: Meta, children: list[Any]) -> ast.SaeCapture:
+        return ast.SaeCapture(children[0], str(children[1]), self._span(meta))

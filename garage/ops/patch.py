@@ -49,7 +49,9 @@ class Patch(Op):
         if self.kind in ("index", "slice"):
             start = self.start or 0
             stop = start + 1 if self.kind == "index" else self.stop
-            sel = sel & (pos >= start) & (True if stop is None else pos < stop)
+            sel = sel & (pos >= start)
+            if stop is not None:
+                sel = sel & (pos < stop)
         return sel, source_first + pos
 
     def forward(self, h: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, source_mask: torch.Tensor,

@@ -81,7 +81,10 @@ class AtPositions(Wrapper):
     ) -> torch.Tensor:
         sel = self.selected(h, attention_mask, prompt_length, position_ids, input_ids).reshape(*h.shape[:-1], 1)
         if self.observes_only:  # a capture keeps the selected positions, zeros elsewhere, full shape
-            self.inner(torch.where(sel, h, torch.zeros_like(h)))
+            if getattr(self.inner, "selects_itself", False):  # it records something else than h (SAE features)
+                self.inner(h, sel)
+            else:
+                self.inner(torch.where(sel, h, torch.zeros_like(h)))
             return h
         positional = takes_positions(self.inner)
         inner = self.inner(h, attention_mask, prompt_length, position_ids, input_ids) if positional else self.inner(h)

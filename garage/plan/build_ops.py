@@ -13,7 +13,8 @@ from torch import nn
 from .. import ops
 from ..lang import spec as ast
 from ..lang.diagnostics import Problem, Span, did_you_mean
-from .files import FileProblem, LoadedTensor, load_tensor
+from ..sae import SAE, SaeProblem, load_sae
+from .files import FileProblem, LoadedTensor, load_tensor, resolve_path
 from .resolve import ConcreteSite, Plan, Step
 
 
@@ -192,12 +193,11 @@ def capture_keys(plan: Plan) -> list[str | None]:
         per_statement[step.statement] = per_statement.get(step.statement, 0) + 1
     keys: list[str | None] = []
     for step in plan:
-        if not isinstance(step.op, ast.Capture):
-            keys.append(None)
-        elif per_statement[step.statement] == 1:
-            keys.append(step.op.name)
+        name = ast.capture_name(step.op)
+        if name is None or per_statement[step.statement] == 1:
+            keys.append(name)
         else:
-            keys.append(f"{step.op.name}.{step.site.layer if step.site.layer is not None else step.site.module_path}")
+            keys.append(f"{name}.{step.site.layer if step.site.layer is not None else step.site.module_path}")
     return keys
 
 
@@ -243,12 +243,51 @@ def _patch(op: ast.Patch, site: ConcreteSite) -> nn.Module:
     return ops.Patch(mix, pos.kind, pos.start, pos.stop, heads, site.heads)
 
 
+def _sae(op: ast.SaeFeatures | ast.SaeCapture, site: ConcreteSite, ctx: BuildContext) -> SAE:
+    """The SAE an `sae` statement names (a folder read safely, or a bound SAE), checked against the site: its
+    d_in must be the site's width, and every feature one it has."""
+    if site.kind in ("attn.heads", "router"):
+        raise Problem(op.span, f"an SAE reads a site's whole state, and {site.label} is "
+                      + ("split into heads" if site.kind == "attn.heads" else "a router's logits"),
+                      "write it at h.I, h.I.in, h.I.attn, h.I.mlp or h.I.mlp.hidden")
+    value = op.value
+    if isinstance(value, ast.BoundValue):
+        if value.name not in ctx.bind:
+            raise Problem(value.span, f"'{value.name}' is not bound", bind_hint(value.name, ctx))
+        bound = ctx.bind[value.name]
+        if not isinstance(bound, SAE):
+            raise Problem(value.span, f"'{value.name}' is bound to a {type(bound).__name__}, not an SAE",
+                          "bind garage.sae.load_sae(folder), or write the SAE's folder in quotes")
+        sae = _owned(bound, value.span, value.name, ctx)
+        assert isinstance(sae, SAE)
+        shown = f"SAE '{value.name}'" + (f" ({sae.source})" if sae.source else "")
+    else:
+        path = value.path + (f"#{value.key}" if value.key else "")  # a folder's name may hold a '#'
+        try:
+            sae = load_sae(resolve_path(path, ctx.base_dir), path)
+        except (FileProblem, SaeProblem) as err:
+            raise Problem(value.span, err.message, err.hint) from None
+        shown = f"SAE {path}"
+    if sae.d_in != ctx.hidden:
+        raise Problem(value.span, f"{shown} has d_in {sae.d_in}, but {ctx.width_name} is {ctx.hidden}",
+                      "use an SAE trained on this site of this model (its cfg.json's hook_name names the site)")
+    if isinstance(op, ast.SaeFeatures) and op.features[-1] >= sae.d_sae:
+        raise Problem(op.span_of(op.features[-1]), f"feature {op.features[-1]} is out of range: {shown} has "
+                      f"{sae.d_sae} features (0..{sae.d_sae - 1})", f"choose features in 0..{sae.d_sae - 1}")
+    return sae
+
+
 def build_op(step: Step, ctx: BuildContext, capture_key: str | None = None) -> nn.Module:
     """One op module for one step, wrapped to act on the site's chosen heads and token positions."""
     if isinstance(step.op, ast.Patch):
         return _patch(step.op, step.site)
-    if isinstance(step.op, ast.Capture):
-        module: nn.Module = ops.Capture(ctx.captures, capture_key or step.op.name)
+    if isinstance(step.op, ast.SaeFeatures):
+        module: nn.Module = ops.SaeFeatures(_sae(step.op, step.site, ctx), step.op.features, step.op.action,
+                                            step.op.amount)
+    elif isinstance(step.op, ast.SaeCapture):
+        module = ops.SaeCapture(ctx.captures, capture_key or step.op.name, _sae(step.op, step.site, ctx))
+    elif isinstance(step.op, ast.Capture):
+        module = ops.Capture(ctx.captures, capture_key or step.op.name)
     elif isinstance(step.op, ast.ROUTER_OPS):
         module = _router_op(step.op, step, ctx)
     else:
@@ -264,7 +303,7 @@ def gated(module: nn.Module, step: Step, ctx: BuildContext) -> nn.Module:
     if step.when is None:
         return module
     condition = step.when.condition
-    if isinstance(step.op, (ast.Capture, ast.Patch)):
+    if ast.capture_name(step.op) is not None or isinstance(step.op, ast.Patch):
         raise Problem(condition.span, f"`{step.op.keyword}` takes no condition: a condition chooses the rows an op "
                       "changes", "put the condition on an op that changes h (add, scale, ablate, …)")
     if getattr(ops.innermost(module), "live", None) is not None:
