@@ -14,10 +14,9 @@ from typing import Any, Mapping
 from torch import nn
 
 from .check.validate import validate
-from .lang import spec as ast
 from .lang.diagnostics import GarageWarning, ValidationError
-from .ops import innermost
 from .plan.prepare import Prepared, SpecLike, prepare
+from .runtime.hook_backend import graph_only
 from .runtime.hooks import HookSet, attach
 from .runtime.injected import InjectedModel
 from .runtime.params import load as load_params
@@ -53,24 +52,14 @@ def compile(
 def hook(model: nn.Module, spec: SpecLike, bind: Mapping[str, object] | None = None) -> tuple[HookSet, Prepared]:
     """The hook backend: the spec applied to the eager model by forward hooks, until `.remove()`.
 
-    A live source blade is refused here: hooks would see only the target's new tokens in a cached decode
-    step, with no cache for the source; the graph backend runs both models with their own caches."""
+    A live source blade, a patch and a condition are refused here (`graph_only`): hooks would see only the
+    target's new tokens in a cached decode step, with no source run and no other site's value."""
     prepared = prepare(model, spec, bind)
     modules = prepared.raise_if_errors()
-    live = [step for step, m in zip(prepared.plan, modules) if getattr(innermost(m), "live", None) is not None]
-    if live:
+    refused = graph_only(prepared.plan, modules)
+    if refused is not None:
+        span, what, hint = refused
         raise ValidationError([prepared.spec.source.diagnostic(
-            live[0].op.span, "a blade from a live source model runs in garage.compile only, not under hooks",
-            "use garage.compile (garage run without --hooks), or record the source's state with garage blade "
-            "extract and add the file")])
-    patches = [step for step in prepared.plan if isinstance(step.op, ast.Patch)]
-    if patches:
-        raise ValidationError([prepared.spec.source.diagnostic(
-            patches[0].op.span, "`patch` runs in garage.compile only, not under hooks: its source input runs in "
-            "the same graph", "use garage.compile and pass source= to the injected model")])
-    gated = [step for step in prepared.plan if step.when is not None]
-    if gated:
-        raise ValidationError([prepared.spec.source.diagnostic(
-            gated[0].when.condition.span if gated[0].when else None, "a condition (`when …`) runs in garage.compile "
-            "only, not under hooks: it reads another site's value in the same graph", "use garage.compile")])
+            span, f"{what} runs in garage.compile only, not under hooks: it reads values only the injected graph "
+            "holds", hint)])
     return attach(model, [s.site for s in prepared.plan], modules), prepared

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .analyze import capture
 from .plan.archs import ModelInfo
 from .plan.prepare import sites_named
 from .plan.resolve import GATE_KINDS
+from .vectors import token_states
 
 
 @dataclass(frozen=True)
@@ -33,22 +33,16 @@ class Calibration:
         return f"when {self.site} @ v {self.compare} {self.threshold:.4g}"
 
 
-@torch.no_grad()
 def condition_values(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sites: Sequence[str],
                      vector: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Per site, [len(prompts)]: each prompt's mean over its real tokens of cos(the site's state, vector)."""
     unit = vector.float().cpu() / vector.float().norm()
-    device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).float().cpu()
-        states = capture(model, list(sites), inputs)
-        for site in sites:
-            h = states[site].float().cpu().reshape(*mask.shape, -1)
+    for mask, found in token_states(model, tokenizer, prompts, sites, batch_size):
+        real = mask.float()
+        for site, h in found.items():
             cos = (h @ unit) / h.norm(dim=-1).clamp_min(1e-12)
-            out[site].append((cos * mask).sum(-1) / mask.sum(-1).clamp_min(1))
+            out[site].append((cos * real).sum(-1) / real.sum(-1).clamp_min(1))
     return {site: torch.cat(values) for site, values in out.items()}
 
 

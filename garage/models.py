@@ -294,6 +294,16 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, name: str) -> s
 _TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, PreTrainedTokenizerBase]" = weakref.WeakKeyDictionary()
 
 
+def first_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The first token of `text` (" Paris"), skipping a token that is the space alone, as character and some
+    SentencePiece tokenizers split off a leading space; what an answer or a next word is scored by."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{text!r} has no tokens")
+    space = set(tokenizer(" ", add_special_tokens=False)["input_ids"])
+    return int(next((i for i in ids if i not in space), ids[0]))
+
+
 def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase | None:
     """The tokenizer garage loaded with this model, else the one saved in the local folder it came from;
     None when neither is known (nothing is downloaded to find out)."""

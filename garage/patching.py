@@ -19,7 +19,7 @@ from torch import nn
 
 from .compiler import compile as compile_spec
 from .lang.diagnostics import GarageError
-from .models import tokenizer_of
+from .models import first_token, tokenizer_of
 
 Text = Union[str, torch.Tensor, Mapping[str, torch.Tensor]]  # a prompt, its ids, or tokenizer output
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [rows, seq, vocab] → one value a row
@@ -65,15 +65,12 @@ def _ids(text: Text, tokenizer: Any) -> dict[str, torch.Tensor]:
 
 
 def token_id(answer: int | str, tokenizer: Any) -> int:
-    """A token id, or the first token of a text (" Paris")."""
+    """A token id, or the first token of a text (" Paris", `models.first_token`)."""
     if isinstance(answer, int):
         return answer
     if tokenizer is None:
         raise ValueError(f"the answer {answer!r} is text: pass tokenizer=, or give token ids")
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"the answer {answer!r} has no tokens")
-    return int(ids[0])
+    return first_token(tokenizer, answer)
 
 
 def logit_difference(answer: int, wrong: int) -> Metric:

@@ -50,9 +50,11 @@ def heatmap(result: PatchingResult, path: str | os.PathLike[str], title: str | N
     ax = fig.add_subplot()
     limit = max(1.0, float(abs(table).max()))
     image = ax.imshow(table, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(columns), [_shown(c) for c in result.columns], rotation=60, ha="right", fontsize=8)
+    heads = result.columns[0].startswith("head ")
+    labels = result.columns if heads else [_shown(c) for c in result.columns]  # a token's spaces made visible
+    ax.set_xticks(range(columns), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(rows), result.rows, fontsize=8 if rows <= 32 else 6)
-    across = "head" if result.columns[0].startswith("head ") else "token (clean prompt)"
+    across = "head" if heads else "token (clean prompt)"
     ax.set_xlabel(across)
     ax.set_ylabel("site")
     what = "attribution patching (estimate)" if result.method == "attribution" else "activation patching"

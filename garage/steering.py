@@ -21,7 +21,7 @@ from torch import nn
 from .compiler import SpecLike
 from .compiler import compile as compile_spec
 from .lang import spec as ast
-from .models import tokenizer_of
+from .models import first_token, tokenizer_of
 from .ops import innermost
 from .runtime.injected import InjectedModel
 
@@ -71,21 +71,10 @@ def _batch(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[s
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
-def first_tokens(tokenizer: Any, words: Sequence[str]) -> list[int]:
-    """Each word's first token as the next word (after a space), skipping a token that is the space alone
-    (as character and some SentencePiece tokenizers split it)."""
-    space = set(tokenizer(" ", add_special_tokens=False)["input_ids"])
-    firsts = []
-    for word in words:
-        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        firsts.append(int(next((i for i in ids if i not in space), ids[0])))
-    return firsts
-
-
 def word_gap(tokenizer: Any, prompts: Sequence[str] = EFFECT_PROMPTS, good: Sequence[str] = GOOD,
              bad: Sequence[str] = BAD) -> Measure:
     """The default effect: mean over prompts of mean log p(good) − mean log p(bad) for the next word."""
-    good_ids, bad_ids = first_tokens(tokenizer, good), first_tokens(tokenizer, bad)
+    good_ids, bad_ids = ([first_token(tokenizer, " " + word) for word in words] for words in (good, bad))
 
     @torch.no_grad()
     def measure(model: nn.Module) -> float:

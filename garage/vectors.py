@@ -11,7 +11,7 @@ spec adds it at, is warned about; one of another hidden size is an error.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,19 @@ def one_site(model: nn.Module, site: str) -> ConcreteSite:
 
 
 @torch.no_grad()
+def token_states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sites: Sequence[str], batch_size: int = 8
+                 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The prompts in padded batches: each batch's attention mask [batch, seq] and every site's states
+    [batch, seq, width] (float, on the CPU; OPT's flat MLP site made [batch, seq, width])."""
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).cpu()
+        captured = capture(model, list(sites), inputs)
+        yield mask, {site: captured[site].float().cpu().reshape(*mask.shape, -1) for site in sites}
+
+
 def states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str = "h.10",
            reduce: Reduce = "mean", batch_size: int = 8) -> torch.Tensor:
     """[len(prompts), hidden]: each prompt's hidden state at the site, the mean over its real tokens or
@@ -52,21 +65,16 @@ def states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str =
     if reduce not in ("mean", "last"):
         raise ValueError(f"reduce must be 'mean' or 'last', not {reduce!r}")
     label = one_site(model, site).label
-    device = next(model.parameters()).device
     rows = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-        h = capture(model, label, inputs)[label].float()
-        h = h.reshape(mask.shape[0], mask.shape[1], -1)  # OPT's MLP site is flat [batch*seq, hidden]
+    for mask, found in token_states(model, tokenizer, prompts, [label], batch_size):
+        h = found[label]
         if reduce == "mean":
             weights = mask.to(h.dtype)[..., None]
             rows.append((h * weights).sum(1) / weights.sum(1).clamp_min(1))
         else:
             last = mask.shape[1] - 1 - mask.flip(-1).to(torch.long).argmax(-1)  # the last real token
-            rows.append(h[torch.arange(h.shape[0], device=h.device), last])
-    return torch.cat(rows).cpu()
+            rows.append(h[torch.arange(h.shape[0]), last])
+    return torch.cat(rows)
 
 
 def contrast(model: nn.Module, tokenizer: Any, positive: Prompts, negative: Sequence[str] | None = None,

@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (38 mutations, about an hour on 2 cores)
+    python tests/mutations.py            # every mutation (41 mutations, about an hour on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
+TESTS = ["tests/test_patching.py", "tests/test_patching_sweeps.py", "tests/test_conditions.py", "tests/test_sae.py",
+         "tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
          "tests/test_blades.py", "tests/test_live_blades.py", "tests/test_train.py",
-         "tests/test_seed.py", "tests/test_architectures.py", "tests/test_patching.py", "tests/test_patching_sweeps.py"]
+         "tests/test_seed.py", "tests/test_architectures.py"]
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
@@ -79,6 +80,11 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "patch ignores mix": ("garage/ops/patch.py", "* weight * self.units * self.mix", "* weight * self.units"),
     "patch ignores the sweep's weight": ("garage/ops/patch.py", "* weight * self.units * self.mix", "* self.units * self.mix"),
     "patch reads past the source's end": ("garage/ops/patch.py", "sel = real & (pos < source_len)", "sel = real"),
+    "condition gate ignored": ("garage/ops/condition.py", "return torch.lerp(h, inner, weight.to(h.dtype))",
+                               "return inner"),
+    "condition forgets the prompt's gate": ("garage/ops/condition.py", "g = torch.where(runs_prompt, g, self.kept[:rows])",
+                                            "g = g"),
+    "sae clamp drops the error": ("garage/ops/sae.py", "change = self.amount - acts", "change = self.amount + 0 * acts"),
 }
 
 

@@ -13,8 +13,7 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
+from test_heads_and_routers import FirstLinear
 from zoo import tiny_model
 
 import garage
@@ -52,40 +51,30 @@ def where(name: str, site: str) -> tuple[str, str]:
             "mlp.hidden": (f"{block}.{hidden}", "in"), "router": (f"{block}.mlp.gate", "router")}[part]
 
 
-class FirstLinear(TorchFunctionMode):
-    """Applies `fn` to the first F.linear result computed while active: a router's logits."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.fn, self.done = fn, False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is F.linear and not self.done:
-            self.done = True
-            return self.fn(out)
-        return out
+Edit = tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]  # (module path, "out" | "in" | "router", fn)
 
 
-def run(model: nn.Module, inputs: dict[str, torch.Tensor], path: str, how: str,
-        fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Logits with `fn` applied to the value at the module (its output, its input, or its first linear)."""
-    target = module(model, path)
+def hooked(target: nn.Module, how: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    """Hooks that apply `fn` to the module's output, its input, or its first linear result."""
     if how == "out":
-        handles = [target.register_forward_hook(
+        return [target.register_forward_hook(
             lambda _m, _a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))]
-    elif how == "in":
-        handles = [target.register_forward_pre_hook(
+    if how == "in":
+        return [target.register_forward_pre_hook(
             lambda _m, args, kwargs: ((fn(args[0]), *args[1:]), kwargs) if args
             else (args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}), with_kwargs=True)]
-    else:
-        modes: list[FirstLinear] = []
+    modes: list[FirstLinear] = []
 
-        def enter(*_: object) -> None:
-            modes.append(FirstLinear(fn))
-            modes[-1].__enter__()
-        handles = [target.register_forward_pre_hook(enter),
-                   target.register_forward_hook(lambda *_: modes.pop().__exit__(None, None, None))]
+    def enter(*_: object) -> None:
+        modes.append(FirstLinear(fn))
+        modes[-1].__enter__()
+    return [target.register_forward_pre_hook(enter),
+            target.register_forward_hook(lambda *_: modes.pop().__exit__(None, None, None))]
+
+
+def run(model: nn.Module, inputs: dict[str, torch.Tensor], *edits: Edit) -> torch.Tensor:
+    """Logits with each edit's fn applied at its module."""
+    handles = [h for path, how, fn in edits for h in hooked(module(model, path), how, fn)]
     try:
         with torch.no_grad():
             return model(**inputs).logits
@@ -115,13 +104,12 @@ def pairs(base_mask: torch.Tensor, source_mask: torch.Tensor, positions: str) ->
     return out
 
 
-def patched(model: nn.Module, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], site: str,
-            positions: str, mix: float = 1.0, name: str = "") -> torch.Tensor:
-    """The two-run reference: the source's value at the site, put into the base run at the paired tokens."""
-    path, how = where(name, site)
+def putter(model: nn.Module, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], path: str, how: str,
+           positions: str, mix: float = 1.0, chosen: list[int] | None = None) -> Edit:
+    """The two-run reference's edit: the source's value at the module (kept by a plain run on the source),
+    put into the base run at the paired tokens (at the chosen heads only, when given)."""
     kept: list[torch.Tensor] = []
-    run(model, source, path, how, lambda h: kept.append(h.detach().clone()) or h)
-    chosen = [1, 3] if "heads" in site else None
+    run(model, source, (path, how, lambda h: kept.append(h.detach().clone()) or h))
     todo = pairs(base["attention_mask"], source["attention_mask"], positions)
     rows, seq = base["input_ids"].shape
     src_rows, src_seq = source["input_ids"].shape
@@ -138,7 +126,14 @@ def patched(model: nn.Module, base: dict[str, torch.Tensor], source: dict[str, t
                     o, n = out[r, bc].reshape(HEADS, -1), new.reshape(HEADS, -1)
                     o[chosen] = o[chosen] + mix * (n[chosen] - o[chosen])
         return out.reshape(h.shape)
-    return run(model, base, path, how, put)
+    return path, how, put
+
+
+def patched(model: nn.Module, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], site: str,
+            positions: str, mix: float = 1.0, name: str = "") -> torch.Tensor:
+    """The two-run reference at a site of the table."""
+    path, how = where(name, site)
+    return run(model, base, putter(model, base, source, path, how, positions, mix, [1, 3] if "heads" in site else None))
 
 
 def inputs(seed: int, rows: int, seq: int, pads: list[int]) -> dict[str, torch.Tensor]:
@@ -175,7 +170,7 @@ def test_each_site_and_position_matches_the_two_run_reference(name, positions):
             got = inj(**base, source=source).logits
         want = patched(model, base, source, site, positions, name=name)
         assert close(got, want), (site, positions, (got - want).abs().max())
-        assert not torch.equal(want, run(model, base, *where(name, site), lambda h: h)), (site, positions)
+        assert not torch.equal(want, run(model, base, (*where(name, site), lambda h: h))), (site, positions)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -202,36 +197,9 @@ def test_stacked_patches_at_several_layers_read_one_source_run():
     model = FAMILIES["qwen2"]
     base, source = inputs(3, 2, 8, [0, 3]), inputs(4, 2, 8, [2, 0])
     inj = garage.compile(model, "at h.0[last] patch from source\nat h.2.mlp[1:4] patch from source mix 0.5")
-    kept: list[torch.Tensor] = []
-    run(model, source, "model.layers.0", "out", lambda h: kept.append(h.clone()) or h)
-    todo0 = pairs(base["attention_mask"], source["attention_mask"], "[last]")
-    want_mlp: list[torch.Tensor] = []
-
-    def at_block0(h: torch.Tensor) -> torch.Tensor:
-        out = h.clone()
-        for r, row in enumerate(todo0):
-            for bc, sc in row:
-                out[r, bc] = kept[0][r, sc]
-        return out
     # the source's MLP value at block 2 is the unpatched source's; the base run has block 0 patched first
-    run(model, source, "model.layers.2.mlp", "out", lambda h: want_mlp.append(h.clone()) or h)
-    todo2 = pairs(base["attention_mask"], source["attention_mask"], "[1:4]")
-
-    def at_mlp2(h: torch.Tensor) -> torch.Tensor:
-        out = h.clone()
-        for r, row in enumerate(todo2):
-            for bc, sc in row:
-                out[r, bc] = out[r, bc] + 0.5 * (want_mlp[0][r, sc] - out[r, bc])
-        return out
-    handles = [module(model, "model.layers.0").register_forward_hook(lambda _m, _a, o: (at_block0(o[0]), *o[1:])
-                                                                       if isinstance(o, tuple) else at_block0(o)),
-               module(model, "model.layers.2.mlp").register_forward_hook(lambda _m, _a, o: at_mlp2(o))]
-    try:
-        with torch.no_grad():
-            want = model(**base).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    want = run(model, base, putter(model, base, source, "model.layers.0", "out", "[last]"),
+               putter(model, base, source, "model.layers.2.mlp", "out", "[1:4]", 0.5))
     with torch.no_grad():
         assert close(inj(**base, source=source).logits, want)
 
@@ -256,6 +224,8 @@ def test_bad_calls_are_diagnostics_at_the_patch_statement():
     assert err.value.diagnostics[0].line == 2 and "gave none" in str(err.value) and "source=" in str(err.value)
     with pytest.raises(garage.GarageError, match="3 rows and the base input 2"):
         inj(**base, source=inputs(1, 3, 6, [0, 0, 0]))
+    with pytest.raises(garage.GarageError, match="must map input names to tensors"):
+        inj(**base, source=base["input_ids"])
     with pytest.raises(garage.GarageError, match="lacks token_type_ids"):
         inj(**base, token_type_ids=torch.zeros_like(base["input_ids"]), source=base)
     with pytest.raises(garage.GarageError, match="not in generation"):
@@ -289,16 +259,7 @@ def test_a_module_path_is_patched_and_explain_says_what_the_source_runs():
     model = FAMILIES["gpt2"]
     base, source = inputs(9, 2, 7, [1, 0]), inputs(10, 2, 7, [0, 2])
     inj = garage.compile(model, 'at "transformer.h.1.mlp.c_fc"[last] patch from source')
-    kept: list[torch.Tensor] = []
-    run(model, source, "transformer.h.1.mlp.c_fc", "out", lambda h: kept.append(h.clone()) or h)
-    todo = pairs(base["attention_mask"], source["attention_mask"], "[last]")
-
-    def put(h: torch.Tensor) -> torch.Tensor:
-        out = h.clone()
-        for r, row in enumerate(todo):
-            for bc, sc in row:
-                out[r, bc] = kept[0][r, sc]
-        return out
+    want = run(model, base, putter(model, base, source, "transformer.h.1.mlp.c_fc", "out", "[last]"))
     with torch.no_grad():
-        assert close(inj(**base, source=source).logits, run(model, base, "transformer.h.1.mlp.c_fc", "out", put))
+        assert close(inj(**base, source=source).logits, want)
     assert "1 patch site(s) read one source run of blocks 0..1 of 4" in inj.explain()

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from zoo import tiny_model
 
-import garage
 from garage.analyze import patching
 
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
@@ -135,8 +134,10 @@ def test_a_sweep_says_what_is_wrong_with_its_inputs():
         patching(model, clean, clean, answer=ANSWER, wrong=WRONG)
     with pytest.raises(ValueError, match="sites='h.9'"):
         patching(model, clean, corrupt, sites="h.9", answer=ANSWER, wrong=WRONG)
-    assert isinstance(patching(model, clean, corrupt, sites="h.1", positions="last", answer=ANSWER, wrong=WRONG),
-                      garage.analyze.PatchingResult)
+    last = patching(model, clean, corrupt, sites="h.1", positions="last", answer=ANSWER, wrong=WRONG)
+    assert last.columns == ["last"] and last.rows == ["h.1[last]"]
+    want = one_cell(model, clean, corrupt, "transformer.h.1", False, clean.shape[1] - 1, None)
+    assert float(last.values[0, 0]) == pytest.approx(want, abs=1e-5)
 
 
 # ------------------------------------------------------------------ the command line and the picture

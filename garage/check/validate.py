@@ -98,6 +98,13 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
         except SiteNotFound as err:
             out.append(source.diagnostic(step.span, f"{step.site.label}: {err}", "name another site"))
             continue
+        if step.when is not None:  # a condition's site is wired into the graph too
+            try:
+                site_location(base, step.when.site, hidden, kind.prefix)
+            except SiteNotFound as err:
+                out.append(source.diagnostic(step.when.condition.site.span, f"{step.when.site.label}: {err}",
+                                             "read the condition at another site"))
+                continue
         part = user_module(module) if module is not None else None
         if part is None:
             continue
@@ -112,7 +119,7 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
         return out, {}, None
     try:
         rewritten = injected(kind, base, [s.site for s in plan], modules, hidden)
-    except (SiteNotFound, TraceFailure) as err:  # a live blade's source model, not the target
+    except (SiteNotFound, TraceFailure) as err:  # a live blade's source model: the target's sites are placed above
         return out + [Diagnostic("error", f"cannot place a live blade source model in the graph: {err}",
                                  source.filename, hint="take the blade from a file (garage blade extract)")], {}, None
     findings = graph_findings(rewritten.graph_module, plan, {x.index: x.node for x in rewritten.inserted})

@@ -27,7 +27,7 @@ from ..ops import innermost
 from ..plan.resolve import Plan
 from .compiled import compiled
 from .decode import decode_loop
-from .hook_backend import HookBackend
+from .hook_backend import HookBackend, graph_only
 from .sampling import Generation
 
 Runner = Callable[..., Any]
@@ -116,14 +116,11 @@ class GraphBackend:
     def _fall_back(self, use: str, warning: Diagnostic | None) -> None:
         if warning is None:
             return
-        if self._sources:  # a live source's state exists only in the fused graph: hooks cannot stand in
-            raise ValidationError([Diagnostic("error", f"cannot build the {use} graph that a live blade source "
-                                              f"needs: {warning.message}", self.plan.spec.filename,
-                                              hint="take the blade from a file (garage blade extract)")])
-        if self.patches or any(step.when is not None for step in self.plan):  # they read other values in the graph
-            raise ValidationError([Diagnostic("error", f"cannot build the {use} graph that `patch` and `when` need: "
-                                              f"{warning.message}", self.plan.spec.filename,
-                                              hint="patches and conditions run in an fx graph of this model only")])
+        refused = graph_only(self.plan, self.ops)  # hooks cannot stand in for what only the graph holds
+        if refused is not None:
+            span, what, hint = refused
+            raise ValidationError([self.plan.spec.source.diagnostic(
+                span, f"cannot build the {use} graph that {what} needs: {warning.message}", hint)])
         self.fallbacks[use] = warning
         self._warn(warning)
 

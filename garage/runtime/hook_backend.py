@@ -16,9 +16,27 @@ import torch
 from torch import nn
 
 from ..fx.export import scoring_config
-from ..plan.resolve import ConcreteSite
+from ..lang import spec as ast
+from ..lang.diagnostics import Span
+from ..ops import innermost
+from ..plan.resolve import ConcreteSite, Plan
 from .hooks import attach
 from .sampling import Generation
+
+
+def graph_only(plan: Plan, ops: Sequence[nn.Module]) -> tuple[Span, str, str] | None:
+    """The first statement hooks cannot run, as (span, what it is, the fix): a blade from a live source, a
+    patch and a condition read values that only the injected graph holds (another model's state, another
+    input's run, another site's value)."""
+    for step, op in zip(plan, ops):
+        if getattr(innermost(op), "live", None) is not None:
+            return (step.op.span, "a blade from a live source model", "use garage.compile (garage run without "
+                    "--hooks), or record the source's state with garage blade extract and add the file")
+        if isinstance(step.op, ast.Patch):
+            return step.op.span, "`patch`", "use garage.compile and pass source= to the injected model"
+        if step.when is not None:
+            return step.when.condition.span, "a condition (`when …`)", "use garage.compile"
+    return None
 
 
 class HookBackend:

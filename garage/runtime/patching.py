@@ -7,6 +7,8 @@ at the first patch statement, with the fix, before anything runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..fx.patch_source import SOURCE_INPUT, WEIGHT_INPUT
@@ -22,7 +24,7 @@ def _error(plan: Plan, message: str, hint: str) -> ValidationError:
     return ValidationError([plan.spec.source.diagnostic(first, message, hint)])
 
 
-def source_inputs(plan: Plan, patches: int, inputs: dict[str, torch.Tensor], source: dict[str, torch.Tensor] | None,
+def source_inputs(plan: Plan, patches: int, inputs: dict[str, torch.Tensor], source: Mapping[str, torch.Tensor] | None,
                   weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The graph inputs of the source run (`source_<name>`) and `patch_weight`; none for a spec without patches."""
     if not patches:
@@ -32,6 +34,9 @@ def source_inputs(plan: Plan, patches: int, inputs: dict[str, torch.Tensor], sou
     if source is None:
         raise _error(plan, "this spec patches from a source input, and the call gave none", SOURCE_HINT)
     ids = inputs["input_ids"]
+    if not isinstance(source, Mapping):
+        raise _error(plan, f"source= must map input names to tensors, like the base call's keywords, not be a "
+                     f"{type(source).__name__}", SOURCE_HINT)
     unknown = sorted(set(source) - set(inputs) - {"attention_mask"})
     missing = sorted(set(inputs) - set(source) - {"attention_mask"})
     if "input_ids" not in source or unknown or missing or not all(isinstance(t, torch.Tensor) for t in source.values()):
