@@ -3,8 +3,10 @@
 garage leans on a few internals that have no public equivalent. Each is wrapped here with the versions it
 was checked on and what breaks if it changes, so that a new torch or transformers release means reading
 this file, and `_graph_format.py` (the on-disk form of exported graphs, which rebuilds fake tensors and
-symbolic sizes). Checked on torch 2.13.0 and transformers 5.24.0 (the versions pyproject.toml admits). The test
-suite exercises every function below; a change in any of them fails it.
+symbolic sizes). Each entry was checked on torch 2.13.0 and transformers 5.24.0, or on the versions it names.
+pyproject.toml admits torch 2.11–2.14 and transformers 5.18–5.25, and the tests that exercise this file run
+at both ends: `.ci/versions lowest` (torch 2.11.0, transformers 5.18.0) and `.ci/versions newest` (torch
+2.14.1, transformers 5.25.0); the main suite runs torch 2.13.0. A change in any entry fails those tests.
 
 May import: torch and transformers only (no garage module), so that every stage can import it.
 """
@@ -210,22 +212,64 @@ def fixes_dynamic_size(err: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------ torch.compile
-@contextlib.contextmanager
-def size_oblivious() -> Iterator[None]:
-    """Treat size-1 dimensions as symbolic while running compiled graphs, so batch 1 never recompiles.
+@functools.lru_cache(maxsize=1)
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch: `torch.__version__` is "2.13.0+cpu", "2.11.0+cu130", … (checked on
+    torch 2.11, 2.13 and 2.14)."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
-    `torch.fx.experimental._config.backed_size_oblivious` (checked on torch 2.13). If the flag is
-    renamed, `patch` raises at the first compiled call."""
+
+@functools.lru_cache(maxsize=1)
+def _compile_settings() -> list[tuple[Any, str, Any]]:
+    """(config module, flag, value) for each setting of `compile_settings`."""
+    from torch._inductor import config as inductor_config
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # made at import by torch
+    settings: list[tuple[Any, str, Any]] = [(fx_config, "backed_size_oblivious", True)]
+    if torch_version() < (2, 13):
+        settings.append((inductor_config, "assert_indirect_indexing", False))
+    for module, flag, _ in settings:
+        getattr(module, flag)  # a renamed flag fails here, at the first compiled call
+    return settings
+
+
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
+    """The torch settings that compiled graphs run under (they compile on their first call, and on a recompile).
+
+    - Size-1 dimensions are symbolic, so batch 1 never recompiles:
+      `torch.fx.experimental._config.backed_size_oblivious` (checked on torch 2.11, 2.13 and 2.14).
+    - torch < 2.13: the C++ (CPU) code generator can emit an indirect-indexing bounds check before the index
+      it checks (`error: 'tmp6' was not declared in this scope`, seen on torch 2.11.0 in the step graph's
+      attention mask), so those checks (`torch._inductor.config.assert_indirect_indexing`, a debugging aid)
+      are off there.
+    The flags are set and restored directly (torch's `config.patch` builds a class per call, a tenth of a
+    millisecond that a batch-1 call on a GPU would feel). If a flag is renamed, the first compiled call raises."""
+    settings = _compile_settings()
+    saved = [getattr(module, flag) for module, flag, _ in settings]
+    for module, flag, value in settings:
+        setattr(module, flag, value)
+    try:
         yield
+    finally:
+        for (module, flag, _), old in zip(settings, saved):
+            setattr(module, flag, old)
 
 
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     """Mark a dimension dynamic for torch.compile from the first call (`torch._dynamo.maybe_mark_dynamic`,
     documented but in a private namespace; checked on torch 2.13). Without it, new sizes recompile."""
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def mark_static_address(tensor: torch.Tensor) -> None:
+    """Tell torch.compile that this input keeps its address from call to call, so CUDA graphs read and write
+    it in place instead of copying it (`torch._dynamo.mark_static_address`, unguarded: a new address
+    re-records the graph; documented, in a private namespace; checked on torch 2.11, 2.13 and 2.14). It is
+    how transformers' static cache marks its buffers. Without it, CUDA graphs skip the decode step, which
+    writes its cache in place."""
+    torch._dynamo.mark_static_address(tensor, guard=False)
 
 
 def aoti_compile_and_package(program: torch.export.ExportedProgram, path: str) -> str:
@@ -251,9 +295,12 @@ def pt2_pickled_entries(archive: zipfile.ZipFile) -> list[str]:
 
     Reads the archive layout of `torch.export.pt2_archive` (its constants and payload configs) and the
     sample-inputs fallback of `torch._export.serde.serialize.deserialize_torch_artifact` (checked on torch
-    2.13). If the layout changes, this refuses archives it does not know, never the reverse."""
+    2.11, 2.13 and 2.14). If the layout changes, this refuses archives it does not know, never the reverse."""
     from torch.export.pt2_archive import constants as c
 
+    # Opaque objects (OPAQUE_OBJ_FILENAME_PREFIX) came in torch 2.13; 2.11 and 2.12 store only custom objects.
+    object_prefixes = tuple(getattr(c, name) for name in ("CUSTOM_OBJ_FILENAME_PREFIX", "OPAQUE_OBJ_FILENAME_PREFIX")
+                            if hasattr(c, name))
     files = {name.split("/", 1)[1]: name for name in archive.namelist() if "/" in name}
     found: list[str] = []
     if files.get(c.ARCHIVE_FORMAT_PATH) is None or archive.read(files[c.ARCHIVE_FORMAT_PATH]).decode(
@@ -270,7 +317,7 @@ def pt2_pickled_entries(archive: zipfile.ZipFile) -> list[str]:
                 found.append(f"{name} (an unreadable payload config)")
                 continue
             for fqn, path, use_pickle in payloads:
-                if use_pickle or path.startswith((c.CUSTOM_OBJ_FILENAME_PREFIX, c.OPAQUE_OBJ_FILENAME_PREFIX)):
+                if use_pickle or path.startswith(object_prefixes):
                     found.append(f"{name}: {fqn} (stored by pickle)")
         elif name.startswith(c.SAMPLE_INPUTS_DIR):
             try:

@@ -7,8 +7,9 @@ dumped each guard's source (which this process made) is parsed into a small expr
 JSON; when it is loaded the trees are checked node by node and run by `evaluate`, an interpreter of
 sizes, integers and arithmetic only. The messages are torch's: `Guard failed: input_ids.size()[1] >= 4`.
 
-The guard source's form (`L['name'].size()[d]`, sympy's `Max`/`Min`, Python arithmetic) and `torch._assert`,
-which keeps a failed guard an AssertionError under torch.compile too, were checked on torch 2.13.0; a
+The guard source's form (`L['name'].size()[d]`, sympy's `Max`/`Min`, or Python's `max`/`min` on torch 2.11,
+Python arithmetic) and `torch._assert`, which keeps a failed guard an AssertionError under torch.compile too,
+were checked on torch 2.11.0, 2.13.0 and 2.14.1; a
 guard this module cannot read makes the graph uncacheable (exported each time), never wrong.
 
 May import: torch only.
@@ -30,7 +31,7 @@ Expr = Any  # int | list: ["size" | "stride", input, dim] or [operator, *operand
 _BINARY: dict[type, str] = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "//", ast.Mod: "%",
                             ast.Pow: "**", ast.Div: "/"}
 _COMPARE: dict[type, str] = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
-_CALLS = {"Max": "max", "Min": "min", "math.floor": "floor", "math.ceil": "ceil", "floor": "floor",
+_CALLS = {"Max": "max", "Min": "min", "max": "max", "min": "min", "math.floor": "floor", "math.ceil": "ceil", "floor": "floor",
           "ceiling": "ceil", "abs": "abs"}
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Mapping
 
 from torch import nn
 
@@ -17,6 +17,7 @@ from .check.validate import validate
 from .lang.diagnostics import GarageWarning, ValidationError
 from .plan.prepare import Prepared, SpecLike, prepare
 from .runtime.hook_backend import graph_only
+from .runtime.compiled import CompileSetting
 from .runtime.hooks import HookSet, attach
 from .runtime.injected import InjectedModel
 from .runtime.params import load as load_params
@@ -26,13 +27,14 @@ def compile(
     model: nn.Module,
     spec: SpecLike,
     bind: Mapping[str, object] | None = None,
-    compile: bool | dict[str, Any] = False,
+    compile: CompileSetting = False,
     params: str | os.PathLike[str] | None = None,
 ) -> InjectedModel:
     """The model with the spec compiled in, as an fx graph rewrite. The model itself is never changed.
 
     The spec is checked first (see `garage.check`): errors raise, warnings are kept on `.warnings`.
-    `compile=True` (or a dict of torch.compile options) runs the injected graphs under torch.compile.
+    `compile=True` runs the injected graphs under torch.compile; a mode name ("reduce-overhead": CUDA graphs
+    for each decoded token) or a dict of torch.compile options says how.
     `params` is a file of learned parameters (`inj.save_params`, `garage train`) for this spec.
     """
     prepared = prepare(model, spec, bind)

@@ -45,10 +45,18 @@ class UnpaddedScoring(nn.Module):
         return type(out)(logits=out.logits)  # the cache stays inside the graph
 
 
-def _step_kwargs(model: nn.Module) -> dict[str, Any]:
-    """Fixed forward kwargs of a generation step: the LM head runs on the last position only."""
-    params = inspect.signature(model.forward).parameters
-    return {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward can run its LM head on chosen positions only (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def last_position(input_ids: torch.Tensor) -> torch.Tensor:
+    """[length − 1]: the last position, as a 1-D index tensor rather than `logits_to_keep=1`. The int becomes
+    a slice from −1 over the dynamic length, which Inductor before torch 2.13 cannot lower when sizes are
+    size-oblivious (`LoweringException: KeyError: 'unbacked_bindings'`, seen on torch 2.11 and 2.12); an
+    index tensor lowers to a gather on every version, with the same logits."""
+    length = input_ids.shape[1]
+    return torch.arange(length - 1, length, device=input_ids.device)
 
 
 class SlotStep(nn.Module):
@@ -59,12 +67,14 @@ class SlotStep(nn.Module):
         super().__init__()
         self.model = model
         self.cache_kwarg = cache_kwarg(model)
-        self.step_kwargs = _step_kwargs(model)
+        self.keeps_logits = _keeps_logits(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 prompt_length: torch.Tensor, slots: torch.Tensor, past: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         **self.step_kwargs, **{self.cache_kwarg: slot_cache(past, slots)})
+        kwargs: dict[str, Any] = {"use_cache": True, self.cache_kwarg: slot_cache(past, slots)}
+        if self.keeps_logits:  # the LM head on the last position only, named by a tensor: see `last_position`
+            kwargs["logits_to_keep"] = last_position(input_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.logits[:, -1, :]
 
 

@@ -6,6 +6,14 @@ from torch import nn
 from .wrapper import Wrapper, takes_positions
 
 
+def last_columns(t: torch.Tensor, count: int) -> torch.Tensor:
+    """The last `count` columns of [batch, length] `t` (the mask is longer than h under hooks in model.generate).
+
+    A slice from length − count, not from −count: Inductor before torch 2.13 cannot lower a negative start
+    over a dynamic size (`KeyError: 'unbacked_bindings'`, seen on torch 2.11), while here the start is 0."""
+    return t.narrow(1, t.shape[1] - count, count)
+
+
 def token_positions(h: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                     input_ids: torch.Tensor | None = None, prompt_length: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,11 +27,11 @@ def token_positions(h: torch.Tensor, attention_mask: torch.Tensor | None = None,
     if position_ids is not None:
         pos = position_ids.expand(batch, seq)
     elif attention_mask is not None:
-        pos = (attention_mask.to(torch.long).cumsum(-1) - 1)[:, -seq:]
+        pos = last_columns(attention_mask.to(torch.long).cumsum(-1) - 1, seq)
     else:
         pos = torch.arange(seq, device=h.device).expand(batch, seq)
     if attention_mask is not None:
-        real = attention_mask[:, -seq:].bool()
+        real = last_columns(attention_mask, seq).bool()
     else:
         real = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
     return pos, real

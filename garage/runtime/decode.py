@@ -11,33 +11,74 @@ from typing import Any, Callable
 
 import torch
 
+from .._compat import mark_static_address
 from .sampling import Generation
 
 Step = Callable[..., Any]
+LENGTH_STEP = 256  # kept buffers' lengths are rounded up to a multiple of this
+
+
+class KVBuffers:
+    """Where a generation's cache lives: one [batch, kv_heads, length, head_dim] buffer per k and v.
+
+    Fresh buffers each call, or, with `keep` (for CUDA graphs, which replay reads and writes at fixed
+    addresses), one set kept between calls, marked static for torch.compile and zeroed for each generation.
+    Kept buffers are `LENGTH_STEP`-rounded, so that generations of nearby lengths share one recorded graph
+    (the attention mask hides the slots past the prompt and its new tokens); the set is replaced when a call
+    needs another batch size, rounded length, dtype or device (a longer set is not reused for a shorter call:
+    every step would attend over its extra slots). They hold their memory until the model is dropped, like
+    transformers' static cache."""
+
+    def __init__(self, shapes: list[tuple[int, int]], keep: bool = False) -> None:
+        """`shapes` is (kv_heads, head_dim) for each buffer (k0, v0, k1, v1, …)."""
+        self.shapes, self.keep = shapes, keep
+        self.kept: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if not self.keep:
+            return self._new(batch, length, dtype, device)
+        length = -(-length // LENGTH_STEP) * LENGTH_STEP
+        current = self.kept[0] if self.kept else None
+        if current is not None and (current.shape[0], current.shape[2], current.dtype, current.device) == (
+                batch, length, dtype, device):
+            for buffer in self.kept:
+                buffer.zero_()
+            return self.kept
+        self.kept = ()  # the old set's memory goes before the new set's is taken
+        self.kept = self._new(batch, length, dtype, device)
+        for buffer in self.kept:
+            mark_static_address(buffer)
+        return self.kept
+
+    def _new(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in self.shapes)
 
 
 def _nothing() -> None:
     """What runs after each step when the request asks for nothing."""
 
 
-def decode_loop(prompt_step: Step, token_step: Step, kv_shapes: list[tuple[int, int]], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, request: Generation, cache_dtype: torch.dtype) -> torch.Tensor:
+def decode_loop(prompt_step: Step, token_step: Step, buffers: KVBuffers, cache_dtype: torch.dtype,
+                input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
     """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`.
 
     Both steps run the step graph: `prompt_step` on the whole prompt, `token_step` on each new token (the
-    two differ only when compiled). `kv_shapes` is (kv_heads, head_dim) for each flat cache entry
-    (k0, v0, k1, v1, …). Tokens are chosen by `request` (`garage.runtime.sampling`), as `model.generate`
-    chooses them. `request.after_call` runs after each step (where captures are recorded)."""
-    mask = attention_mask.to(torch.long)
+    two differ only when compiled), over the cache that `buffers` gives (in `cache_dtype`). Tokens are chosen
+    by `request` (`garage.runtime.sampling`), as `model.generate` chooses them. `request.after_call` runs after
+    each step (where captures are recorded)."""
+    # Fresh tensors with standard strides: a view's (even one `.contiguous()` keeps, as when its batch is 1)
+    # are guarded on, and a compiled step would recompile for them.
+    input_ids = input_ids.clone(memory_format=torch.contiguous_format)
+    mask = attention_mask.to(torch.long).clone(memory_format=torch.contiguous_format)
     batch, prompt_tokens = input_ids.shape
     device = input_ids.device
     max_new_tokens = request.max_new_tokens
     processors = request.processors(mask)
     prompt_length = mask.sum(-1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    length = prompt_tokens + max_new_tokens
-    cache = tuple(torch.zeros(batch, heads, length, dim, dtype=cache_dtype, device=device) for heads, dim in kv_shapes)
-    full_mask = torch.cat([mask, mask.new_zeros(batch, max_new_tokens)], dim=-1)
+    cache = buffers(batch, prompt_tokens + max_new_tokens, cache_dtype, device)
+    length = cache[0].shape[2] if cache else prompt_tokens + max_new_tokens
+    full_mask = torch.cat([mask, mask.new_zeros(batch, length - prompt_tokens)], dim=-1)
     called = request.after_call or _nothing
     logits = prompt_step(input_ids, full_mask, positions, prompt_length, torch.arange(prompt_tokens, device=device), cache)
     called()

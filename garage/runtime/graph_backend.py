@@ -25,8 +25,8 @@ from ..fx.steps import cache_shapes, unpadded_possible
 from ..lang.diagnostics import Diagnostic, ValidationError
 from ..ops import innermost
 from ..plan.resolve import Plan
-from .compiled import compiled
-from .decode import decode_loop
+from .compiled import compiled, replays_cuda_graphs
+from .decode import KVBuffers, decode_loop
 from .hook_backend import HookBackend, graph_only
 from .sampling import Generation
 
@@ -50,6 +50,7 @@ class GraphBackend:
         self._runners: dict[GraphKind, Runner] = {}
         self._served: dict[tuple[GraphKind, Shape | None], GraphKind] = {}  # asked → the kind the store routed to
         self._token: Runner | None = None
+        self._buffers: KVBuffers | None = None
         self._sources = [live.model for m in ops if (live := getattr(innermost(m), "live", None)) is not None]
         self.patches = len(patch_indices(ops))  # ops that read a source input's run
         self._causal_path = not self.patches and all(unpadded_possible(m) for m in [model, *self._sources])
@@ -180,11 +181,19 @@ class GraphBackend:
         if found is not None:
             step = found[1]
             try:
-                return decode_loop(step, self._token_runner(step), cache_shapes(self._graphs[Step()].graph_module),
-                                   input_ids, attention_mask, request, next(self.model.parameters()).dtype)
+                dtype = next(self.model.parameters()).dtype
+                return decode_loop(step, self._token_runner(step), self._kv_buffers(), dtype, input_ids, attention_mask,
+                                   request)
             except AssertionError as err:
                 self._refused("generation", err)
         return self.hooks.generate(input_ids, attention_mask, request)
+
+    def _kv_buffers(self) -> KVBuffers:
+        """The generation cache: kept between calls when the token step replays CUDA graphs."""
+        if self._buffers is None:
+            self._buffers = KVBuffers(cache_shapes(self._graphs[Step()].graph_module),
+                                      keep=replays_cuda_graphs(self._compile))
+        return self._buffers
 
     def _token_runner(self, step: Runner) -> Runner:
         """The step graph for one-token steps. Eager, it is the step runner itself. Under torch.compile it is

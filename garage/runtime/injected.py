@@ -23,6 +23,7 @@ from ..fx.steps import can_generate
 from ..lang.diagnostics import Diagnostic, GarageWarning
 from ..plan.resolve import Plan
 from . import artifact, explain, params, patching
+from .compiled import CompileSetting, compile_options
 from .graph_backend import GraphBackend
 from .recording import recording
 from .sampling import Generation
@@ -41,7 +42,7 @@ class InjectedModel(nn.Module):
         plan: Plan,
         modules: list[nn.Module],
         captures: dict[str, torch.Tensor],
-        compile: bool | dict[str, Any] = False,
+        compile: CompileSetting = False,
         warnings: list[Diagnostic] | None = None,
         graphs: dict[GraphKind, Rewritten] | None = None,
     ) -> None:
@@ -54,8 +55,8 @@ class InjectedModel(nn.Module):
         self.plan = plan
         self.captures = captures
         self.warnings = list(warnings or [])
-        options = ({} if compile is True else dict(compile)) if compile else None
-        self.backend = GraphBackend(model, plan, list(modules), options, self._warn, dict(graphs or {}))
+        self.backend = GraphBackend(model, plan, list(modules), compile_options(compile), self._warn,
+                                    dict(graphs or {}))
         self.train(model.training)
 
     def _warn(self, warning: Diagnostic) -> None:
