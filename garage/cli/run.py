@@ -28,7 +28,7 @@ def add(sub: Any) -> None:
                    help="sample (with the model's generation config, as model.generate does) instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="seed for built-in models and sampling (default: 0)")
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                   choices=(True, "default", "reduce-overhead", "max-autotune"),
+                   choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the injected graphs (slow to start); MODE reduce-overhead also replays CUDA "
                         "graphs for each decoded token on a GPU")
     p.add_argument("--params", type=Path, metavar="FILE", help="learned parameters for the spec (garage train)")
