@@ -17,7 +17,7 @@ from .check.validate import validate
 from .lang.diagnostics import GarageWarning, ValidationError
 from .plan.prepare import Prepared, SpecLike, prepare
 from .runtime.hook_backend import graph_only
-from .runtime.compiled import CompileSetting
+from .runtime.compiled import CompileSetting, compile_options
 from .runtime.hooks import HookSet, attach
 from .runtime.injected import InjectedModel
 from .runtime.params import load as load_params
@@ -37,6 +37,7 @@ def compile(
     for each decoded token) or a dict of torch.compile options says how.
     `params` is a file of learned parameters (`inj.save_params`, `garage train`) for this spec.
     """
+    compile_options(compile)  # a bad mode is said before any tracing
     prepared = prepare(model, spec, bind)
     validated = validate(model, prepared)
     modules = prepared.raise_if_errors(validated.cause)

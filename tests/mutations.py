@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (41 mutations, about an hour on 2 cores)
+    python tests/mutations.py            # every mutation (43 mutations, about an hour on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_patching.py", "tests/test_patching_sweeps.py", "tests/test_conditions.py", "tests/test_sae.py",
-         "tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
+         "tests/test_generate.py", "tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
          "tests/test_blades.py", "tests/test_live_blades.py", "tests/test_train.py",
          "tests/test_seed.py", "tests/test_architectures.py"]
 
@@ -85,6 +85,12 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "condition forgets the prompt's gate": ("garage/ops/condition.py", "g = torch.where(runs_prompt, g, self.kept[:rows])",
                                             "g = g"),
     "sae clamp drops the error": ("garage/ops/sae.py", "change = self.amount - acts", "change = self.amount + 0 * acts"),
+    "the step graph keeps the wrong position's logits": ("garage/fx/steps.py",
+                                                          "return torch.arange(length - 1, length, device=input_ids.device)",
+                                                          "return torch.arange(length - 2, length - 1, device=input_ids.device)"),
+    "position masks read the mask's first columns": ("garage/ops/positions.py",
+                                                     "return t.narrow(1, t.shape[1] - count, count)",
+                                                     "return t.narrow(1, 0, count)"),
 }
 
 

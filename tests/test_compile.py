@@ -7,6 +7,8 @@ import logging
 import os
 import pickle
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -249,6 +251,14 @@ def test_torch_compile_fullgraph_equal_and_no_recompile_on_strength_change():
     assert counters["stats"]["unique_graphs"] == graphs == 1
     assert torch.allclose(b, eager(**inputs).logits, atol=1e-5)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("setting, error", [("fast", "compile= names the mode 'fast'; torch.compile's modes are"),
+                                            ({"mode": "turbo"}, "compile= names the mode 'turbo'"),
+                                            (3, "compile= takes True, a mode name or a dict")])
+def test_a_compile_setting_torch_does_not_know_is_refused_with_the_modes(llama, setting, error):
+    with pytest.raises((ValueError, TypeError), match=re.escape(error)):
+        garage.compile(llama, "at h.1 scale 0.5", compile=setting)
 
 
 def test_a_str_naming_a_garage_file_is_read_as_a_file(tmp_path, llama, monkeypatch):

@@ -30,6 +30,7 @@ _STEP_DIMS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 # torch.compile's modes that replay CUDA graphs, each with its mode without them.
 CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's, 2.11–2.14
 
 CompileSetting = bool | str | Mapping[str, Any]
 
@@ -41,9 +42,12 @@ def compile_options(setting: CompileSetting) -> dict[str, Any] | None:
         return None
     if setting is True:
         return {}
-    if isinstance(setting, str):
-        return {"mode": setting}
-    return dict(setting)
+    options = {"mode": setting} if isinstance(setting, str) else dict(setting) if isinstance(setting, Mapping) else None
+    if options is None:
+        raise TypeError(f"compile= takes True, a mode name or a dict of torch.compile options, not {setting!r}")
+    if options.get("mode", "default") not in MODES:  # said now, not at the first call deep inside torch.compile
+        raise ValueError(f"compile= names the mode {options['mode']!r}; torch.compile's modes are {', '.join(MODES)}")
+    return options
 
 
 def replays_cuda_graphs(options: Mapping[str, Any] | None) -> bool:
