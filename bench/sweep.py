@@ -86,7 +86,7 @@ def families() -> list[tuple[str, str]]:
 def tiny(model_type: str, head: str) -> Any:
     """The family's model, from its config's defaults shrunk to tiny sizes, in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[model_type]()
@@ -111,7 +111,7 @@ def tiny(model_type: str, head: str) -> Any:
             elif "vocab" in key and isinstance(value, int) and value > VOCAB:
                 setattr(part, key, VOCAB)  # BLT's hash vocabularies
     torch.manual_seed(0)
-    auto = AutoModelForCausalLM if head == "causal" else AutoModelForMaskedLM
+    auto = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}[head]
     return auto.from_config(config).float().eval()
 
 

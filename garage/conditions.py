@@ -38,9 +38,9 @@ def condition_values(model: nn.Module, tokenizer: Any, prompts: Sequence[str], s
     """Per site, [len(prompts)]: each prompt's mean over its real tokens of cos(the site's state, vector)."""
     unit = vector.float().cpu() / vector.float().norm()
     out: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    for mask, found in token_states(model, tokenizer, prompts, sites, batch_size):
-        real = mask.float()
+    for masks, found in token_states(model, tokenizer, prompts, sites, batch_size):
         for site, h in found.items():
+            real = masks[site].float()
             cos = (h @ unit) / h.norm(dim=-1).clamp_min(1e-12)
             out[site].append((cos * real).sum(-1) / real.sum(-1).clamp_min(1))
     return {site: torch.cat(values) for site, values in out.items()}

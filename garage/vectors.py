@@ -20,7 +20,8 @@ from torch import nn
 
 from ._version import __version__
 from .analyze import capture
-from .plan.archs import ModelInfo
+from .fx.export import is_encoder_decoder
+from .plan.archs import ModelInfo, model_config
 from .plan.prepare import sites_named
 from .plan.resolve import ConcreteSite
 
@@ -46,16 +47,34 @@ def one_site(model: nn.Module, site: str) -> ConcreteSite:
 
 @torch.no_grad()
 def token_states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sites: Sequence[str], batch_size: int = 8
-                 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The prompts in padded batches: each batch's attention mask [batch, seq] and every site's states
-    [batch, seq, width] (float, on the CPU; OPT's flat MLP site made [batch, seq, width])."""
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """The prompts in padded batches: every site's mask of real tokens [batch, seq] and its states
+    [batch, seq, width] (float, on the CPU; OPT's flat MLP site made [batch, seq, width]).
+
+    An encoder–decoder model reads each prompt as its source, and its decoder its start token, as when
+    generation begins: an encoder site's states are the source's tokens, a decoder site's the first target
+    position's (the state that steering at the decoder acts on first)."""
     device = next(model.parameters()).device
+    stacks = {site: one_site(model, site).stack for site in sites}
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).cpu()
+        source = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).cpu()
+        target = torch.ones(source.shape[0], 1, dtype=source.dtype)
+        if is_encoder_decoder(model):
+            inputs["decoder_input_ids"] = target.to(device) * decoder_start(model)
         captured = capture(model, list(sites), inputs)
-        yield mask, {site: captured[site].float().cpu().reshape(*mask.shape, -1) for site in sites}
+        masks = {site: target if stacks[site] == "decoder" else source for site in sites}
+        yield masks, {site: captured[site].float().cpu().reshape(*masks[site].shape, -1) for site in sites}
+
+
+def decoder_start(model: nn.Module) -> int:
+    """The token an encoder–decoder model's decoder starts from (its config's, or its generation config's)."""
+    for config in (getattr(model, "generation_config", None), model_config(model)):
+        token = getattr(config, "decoder_start_token_id", None)
+        if isinstance(token, int):
+            return token
+    raise ValueError(f"{type(model).__name__} names no decoder_start_token_id in its config")
 
 
 def states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str = "h.10",
@@ -66,8 +85,8 @@ def states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str =
         raise ValueError(f"reduce must be 'mean' or 'last', not {reduce!r}")
     label = one_site(model, site).label
     rows = []
-    for mask, found in token_states(model, tokenizer, prompts, [label], batch_size):
-        h = found[label]
+    for masks, found in token_states(model, tokenizer, prompts, [label], batch_size):
+        h, mask = found[label], masks[label]
         if reduce == "mean":
             weights = mask.to(h.dtype)[..., None]
             rows.append((h * weights).sum(1) / weights.sum(1).clamp_min(1))

@@ -206,4 +206,31 @@ def tiny_model(name: str, seed: int = 0, *, head: bool = True, **overrides) -> n
     return model.to(torch.float32).eval()
 
 
-__all__ = ["ARCH_NAMES", "MOE_NAMES", "tiny_config", "tiny_model"]
+# Encoder–decoder families: 2 encoder and 3 decoder blocks (so that N and % must count within a stack; T5: 3 and
+# 3, as its generation cache is sized by the encoder's count), hidden
+# 32, 4 heads, FFN 64; a source of up to 64 tokens (Whisper: 24 frames of 8 mel bins, 12 encoder positions).
+_SEQ2SEQ_SIZES = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None)
+SEQ2SEQ: dict[str, tuple[type, type, dict]] = {
+    "t5": (hf.T5Config, hf.T5ForConditionalGeneration,
+           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=4,
+                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)),
+    "bart": (hf.BartConfig, hf.BartForConditionalGeneration, _SEQ2SEQ_SIZES),
+    "marian": (hf.MarianConfig, hf.MarianMTModel, {**_SEQ2SEQ_SIZES, "decoder_start_token_id": 0}),
+    "whisper": (hf.WhisperConfig, hf.WhisperForConditionalGeneration,
+                {**{k: v for k, v in _SEQ2SEQ_SIZES.items() if k not in ("max_position_embeddings", "forced_eos_token_id")},
+                 "num_mel_bins": 8, "max_source_positions": 12, "max_target_positions": 64, "begin_suppress_tokens": None,
+                 "suppress_tokens": None}),
+}
+
+
+def tiny_seq2seq(name: str, seed: int = 0) -> nn.Module:
+    """A tiny encoder–decoder model of this family (see SEQ2SEQ), in eval mode, float32."""
+    config_cls, model_cls, kwargs = SEQ2SEQ[name]
+    config = config_cls(**kwargs)
+    torch.manual_seed(seed)
+    return model_cls(config).to(torch.float32).eval()
+
+
+__all__ = ["ARCH_NAMES", "MOE_NAMES", "SEQ2SEQ", "tiny_config", "tiny_model", "tiny_seq2seq"]

@@ -81,15 +81,20 @@ def dead_op_findings(plan: Plan) -> Iterator[Finding]:
             captured[name] = step
 
 
+def blocks_of(plan: Plan, step: Step) -> int:
+    """How many blocks the stack of a step's site has (the model's, or its encoder's or decoder's)."""
+    return plan.info.stacks.get(step.site.stack, plan.info).num_layers
+
+
 def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[Finding]:
     """Warnings: the blade rules (N-4 depth, gated over identity, same-domain synergy) and what blade files
     record (the depth they were taken at, the model they were taken from)."""
-    n = plan.info.num_layers
-    best = n - 4
     domains: dict[str, Step] = {}
     for step, module in zip(plan, modules):
         if not isinstance(step.op, (ast.Blade, ast.Debate)):
             continue
+        n = blocks_of(plan, step)
+        best = n - 4
         if step.site.layer is not None and abs(step.site.layer - best) > 1 and n > 4:
             yield Finding(step, f"{step.op.keyword} at layer {step.site.layer} is far from N-4 = {best} (87.5% depth), "
                           "where blades work best", f"move it to h.N-4 (= h.{best})", "n-4")
@@ -113,7 +118,7 @@ def blade_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator[
 def _provenance(step: Step, made: dict[str, str], plan: Plan) -> Iterator[Finding]:
     """Warnings from what a blade file records (or a live source's site): taken at another depth than it is
     added at, or taken from this very model (no capability gap to transfer)."""
-    n, layer = plan.info.num_layers, step.site.layer
+    n, layer = blocks_of(plan, step), step.site.layer
     try:
         depth = float(made.get("depth", ""))
     except ValueError:
@@ -140,7 +145,11 @@ def vector_findings(plan: Plan, modules: Sequence[nn.Module | None]) -> Iterator
             yield Finding(step, f"this vector was made on a {made['model_type']} model, not {plan.info.model_type}",
                           "make it on this model: garage vector --model …", "vector-model")
         layer = made.get("layer", "")
-        if layer.isdigit() and step.site.layer is not None and int(layer) != step.site.layer:
+        stack = made.get("site", "").partition(".h.")[0] if ".h." in made.get("site", "") else ""
+        if stack != step.site.stack and (stack or step.site.stack):
+            yield Finding(step, f"this vector was made in the {stack or 'model'}'s blocks ({made.get('site', '?')}) "
+                          f"but is used at {step.site.label}", f"make one at {step.site.label}", "vector-layer")
+        elif layer.isdigit() and step.site.layer is not None and int(layer) != step.site.layer:
             yield Finding(step, f"this vector was made at layer {layer} ({made.get('site', '?')}) but is used at "
                           f"layer {step.site.layer}", f"use it at h.{layer}, or make one at this layer", "vector-layer")
 

@@ -109,7 +109,7 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
         if part is None:
             continue
         try:
-            names = HiddenShape.of(base.graph, step.site.width or hidden)
+            names = HiddenShape.of(base.graph, step.site.width or hidden, step.site.stack)
             check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span, part[2])
         except Problem as problem:
             out.append(problem.diagnostic(source))

@@ -61,7 +61,34 @@ def signature(inputs: Mapping[str, torch.Tensor]) -> Signature:
     return tuple(sorted((name, t.dtype) for name, t in inputs.items()))
 
 
+def with_masks(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs with a mask of ones for the ids (and an encoder–decoder model's target ids) that have none,
+    so that one scoring graph serves calls with and without masks."""
+    for prefix in ("", "decoder_"):
+        if f"{prefix}input_ids" in inputs:
+            inputs.setdefault(f"{prefix}attention_mask", torch.ones_like(inputs[f"{prefix}input_ids"]))
+    return inputs
+
+
 SCORING_INPUTS: Signature = (("attention_mask", torch.long), ("input_ids", torch.long))  # the default scoring graph
+# An encoder–decoder model scores a target given a source: both with their masks (or audio features, for a
+# speech model whose encoder reads `input_features`).
+SEQ2SEQ_INPUTS: Signature = (("attention_mask", torch.long), ("decoder_attention_mask", torch.long),
+                             ("decoder_input_ids", torch.long), ("input_ids", torch.long))
+FEATURES = "input_features"
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model_config(model), "is_encoder_decoder", False))
+
+
+def scoring_signature(model: nn.Module) -> Signature:
+    """The inputs of a model's default scoring graph."""
+    if not is_encoder_decoder(model):
+        return SCORING_INPUTS
+    if getattr(model, "main_input_name", "input_ids") == FEATURES:
+        return (("decoder_attention_mask", torch.long), ("decoder_input_ids", torch.long), (FEATURES, torch.float32))
+    return SEQ2SEQ_INPUTS
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -74,39 +101,54 @@ def vocab_size(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def scoring_config(model: nn.Module) -> Iterator[None]:
-    """use_cache=False while scoring; set on the config, since as a kwarg it would become a graph input."""
-    config = model_config(model)
-    had = "use_cache" in config.__dict__
-    old = config.__dict__.get("use_cache")
-    config.use_cache = False
+    """use_cache=False while scoring; set on the config, since as a kwarg it would become a graph input. Set on
+    every config the model's modules hold: T5's stacks keep copies of their own."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and hasattr(c, "__dict__") and hasattr(c, "use_cache")}
+    saved = [(c, "use_cache" in c.__dict__, c.__dict__.get("use_cache")) for c in configs.values()]
+    for config in configs.values():
+        config.use_cache = False
     try:
         yield
     finally:
-        if had:
-            config.use_cache = old
-        else:
-            config.__dict__.pop("use_cache", None)
+        for config, had, old in saved:
+            if had:
+                config.use_cache = old
+            else:
+                config.__dict__.pop("use_cache", None)
 
 
 def example_inputs(model: nn.Module, sig: Signature, shape: tuple[int, int] = (EXAMPLE_BATCH, EXAMPLE_SEQ)
                    ) -> dict[str, torch.Tensor]:
+    """Inputs of this signature and shape: ids, masks of ones, a decoder's two tokens shorter (so that export
+    keeps its length apart from the source's), and audio features of the length the model's encoder takes."""
     device = model_device(model)
     g = torch.Generator().manual_seed(0)
     out = {}
     for name, dtype in sig:
-        if name == "attention_mask":
-            out[name] = torch.ones(*shape, dtype=dtype, device=device)
-        elif name == "input_ids":
-            out[name] = torch.randint(0, vocab_size(model), shape, generator=g).to(device, dtype)
+        size = (shape[0], max(shape[1] - 2, 2)) if name.startswith("decoder_") else shape
+        if name.endswith("attention_mask"):
+            out[name] = torch.ones(*size, dtype=dtype, device=device)
+        elif name.endswith("input_ids"):
+            out[name] = torch.randint(0, vocab_size(model), size, generator=g).to(device, dtype)
+        elif name == FEATURES:
+            out[name] = torch.randn(shape[0], *feature_shape(model), generator=g).to(device, dtype)
         else:
-            out[name] = torch.zeros(*shape, dtype=dtype, device=device)
+            out[name] = torch.zeros(*size, dtype=dtype, device=device)
     return out
+
+
+def feature_shape(model: nn.Module) -> tuple[int, int]:
+    """[mel bins, frames] of the audio features a speech encoder takes (Whisper's: always 2 × its positions)."""
+    config = model_config(model)
+    return int(config.num_mel_bins), 2 * int(config.max_source_positions)
 
 
 def export_scoring(model: nn.Module, sig: Signature, shape: tuple[int, int] | None = None) -> GraphModule:
     """A fresh export of the model for full-sequence scoring: batch and sequence dynamic, or this shape."""
     inputs = example_inputs(model, sig, shape or (EXAMPLE_BATCH, EXAMPLE_SEQ))
-    dims = None if shape else {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
+    dynamic = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+    dims = None if shape else {name: {0: dynamic[0]} if name == FEATURES else dynamic for name in inputs}
     with scoring_config(model), torch.no_grad():
         return exported(model, model, (), inputs, dynamic_shapes=dims)
 

@@ -25,7 +25,7 @@ from ..plan.resolve import ConcreteSite
 from . import patch_source, store
 from .kinds import GraphKind, Step
 from .patch_source import needed as depends
-from .rewrite import Rewritten, Splicer, attribute, inject, site_location
+from .rewrite import Rewritten, Splicer, attribute, inject, site_location, stack_input
 from .steps import STEP_ARGS
 
 SOURCE_PREFIX = "garage_source_"
@@ -114,15 +114,15 @@ def _both(first: Splicer | None, second: Splicer | None) -> Splicer | None:
 def conditions(base: GraphModule, modules: Sequence[nn.Module], hidden: int, prefix: str) -> Splicer | None:
     """What a conditional op reads after h: its condition site's value (as the model computed it there,
     before any op at that site) and the graph's attention mask (None in a graph without one)."""
-    where = {i: site_location(base, cast(ConcreteSite, m.site), hidden, prefix).node for i, m in enumerate(modules)
-             if isinstance(m, Conditional)}
+    sites = {i: cast(ConcreteSite, m.site) for i, m in enumerate(modules) if isinstance(m, Conditional)}
+    where = {i: site_location(base, site, hidden, prefix).node for i, site in sites.items()}
     if not where:
         return None
 
     def spliced(graph: Graph) -> tuple[dict[int, tuple[Node, ...]], dict[str, object]]:
         nodes = {n.name: n for n in graph.nodes}
-        mask = nodes.get("attention_mask")
-        return {i: (nodes[name], mask) for i, name in where.items()}, {}  # type: ignore[misc]
+        masks = {i: nodes.get(stack_input("attention_mask", site.stack) or "") for i, site in sites.items()}
+        return {i: (nodes[name], masks[i]) for i, name in where.items()}, {}  # type: ignore[misc]
     return spliced
 
 
@@ -130,7 +130,8 @@ def injected(kind: GraphKind, base: GraphModule, sites: Sequence[ConcreteSite], 
              hidden: int) -> Rewritten:
     """`base`, a graph of this kind, with `modules[i]` applied at `sites[i]`, and any live blade sources
     and patches' source runs among them fused in, and conditions' sites wired to their ops."""
-    patched = {i: site_location(base, sites[i], hidden, kind.prefix).node for i in patch_source.patch_indices(modules)}
+    patched = {i: (site_location(base, sites[i], hidden, kind.prefix).node, sites[i].stack)
+               for i in patch_source.patch_indices(modules)}
     both = _both(_both(splicer(modules, kind), patch_source.splicer(base, patched)), conditions(base, modules, hidden, kind.prefix))
     return inject(base, sites, modules, hidden, kind.prefix, kind.position_inputs, both)
 

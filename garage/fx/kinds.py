@@ -22,6 +22,8 @@ from .export import (
     Signature,
     TraceFailure,
     export_scoring,
+    is_encoder_decoder,
+    scoring_signature,
 )
 from .rewrite import POSITION_INPUTS
 from .steps import STEP_INPUTS, STEP_PREFIX, can_generate, export_step, export_unpadded
@@ -116,10 +118,21 @@ class Step(GraphKind):
         return "step"
 
     def export(self, model: nn.Module) -> GraphModule:
+        if is_encoder_decoder(model):
+            raise TraceFailure(model, RuntimeError(
+                "an encoder–decoder model generates through its own seq2seq loop, encoder then decoder, which the "
+                "step graph, one decoder-only stack over its cache, does not hold"))
         return export_step(model)
+
+
+def scoring_kind(model: nn.Module) -> Scoring:
+    """The model's default scoring graph: ids and mask, or an encoder–decoder model's source and target."""
+    return Scoring(scoring_signature(model))
 
 
 def checked_kinds(model: nn.Module) -> list[GraphKind]:
     """The graphs a spec is checked on, in order of preference: for a causal LM the generation step (what
     `garage run` needs first, so that checking costs no extra export), else the scoring graph."""
-    return [Step(), Scoring()] if can_generate(model) else [Scoring()]
+    if can_generate(model) and not is_encoder_decoder(model):
+        return [Step(), scoring_kind(model)]
+    return [scoring_kind(model)]

@@ -32,20 +32,30 @@ def in_scope(node: Node, path: str) -> bool:
     return path in scope_of(node)
 
 
+# The inputs whose [batch, seq] a stack's hidden states have, in order of preference: an encoder–decoder
+# model's decoder reads its own ids (or, when none are given, a shift of the source's).
+STACK_INPUTS = {"decoder": ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds"),
+                "encoder": ("input_ids", "inputs_embeds", "input_features"), "": ("input_ids", "inputs_embeds")}
+ANY = "*"  # a sequence length that any value matches: a speech encoder's, fixed by its convolutions
+
+
 @dataclass(frozen=True)
 class HiddenShape:
-    """The symbolic sizes of batch, sequence and hidden, read from the graph's `input_ids`."""
+    """The symbolic sizes of batch, sequence and hidden, read from the graph's `input_ids` (or the input of
+    the stack named: an encoder–decoder model's decoder positions are the target's tokens)."""
 
     batch: str
     seq: str
     hidden: int
 
     @classmethod
-    def of(cls, graph: Graph, hidden: int) -> "HiddenShape":
-        for node in graph.nodes:
-            if node.op == "placeholder" and node.name in ("input_ids", "inputs_embeds"):
-                shape = node.meta["val"].shape
-                return cls(str(shape[0]), str(shape[1]), hidden)
+    def of(cls, graph: Graph, hidden: int, stack: str = "") -> "HiddenShape":
+        inputs = {node.name: node.meta["val"].shape for node in graph.nodes
+                  if node.op == "placeholder" and node.name in STACK_INPUTS[stack] and "val" in node.meta}
+        for name in STACK_INPUTS[stack]:
+            if name in inputs:
+                shape = inputs[name]
+                return cls(str(shape[0]), ANY if name == "input_features" else str(shape[1]), hidden)
         raise SiteNotFound("the graph has no input_ids placeholder")
 
     def matches(self, node: Node) -> bool:
@@ -55,6 +65,8 @@ class HiddenShape:
         if not isinstance(val.shape[-1], int) or val.shape[-1] != self.hidden:  # a symbolic width is never hidden,
             return False  # and comparing a data-dependent one would raise (mvp's, trocr's)
         dims = tuple(str(d) for d in val.shape[:-1])
+        if self.seq == ANY:
+            return len(dims) == 2 and dims[0] == self.batch
         return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in self.flat)
 
     @property

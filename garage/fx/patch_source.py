@@ -19,7 +19,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from .._compat import with_more_kwargs
 from ..ops import Patch, innermost
-from .rewrite import Splicer
+from .rewrite import Splicer, stack_input
 
 SOURCE_INPUT = "source_{}"
 WEIGHT_INPUT = "patch_weight"
@@ -41,18 +41,20 @@ def needed(nodes: Sequence[Node]) -> set[Node]:
     return seen
 
 
-def splice(graph: Graph, base: GraphModule, sites: dict[int, str]) -> tuple[dict[int, tuple[Node, ...]], dict[str, object]]:
-    """Copy the nodes the sites (op index → base node name) need into `graph`, reading the source inputs;
-    what each patch op reads after h: (the source's value, the mask, the source's mask, its weight)."""
+def splice(graph: Graph, base: GraphModule, sites: dict[int, tuple[str, str]]
+           ) -> tuple[dict[int, tuple[Node, ...]], dict[str, object]]:
+    """Copy the nodes the sites (op index → (base node name, stack)) need into `graph`, reading the source
+    inputs; what each patch op reads after h: (the source's value, the mask of the site's stack, the source's
+    mask, its weight)."""
     base_nodes = {n.name: n for n in base.graph.nodes}
-    keep = needed([base_nodes[name] for name in sites.values()])
+    keep = needed([base_nodes[name] for name, _stack in sites.values()])
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     by_name = {n.name: n for n in inputs}
     copies: dict[Node, Node] = {}
     added: list[str] = []
     anchor = inputs[-1]
     for node in base.graph.nodes:
-        if node.op != "placeholder" or (node not in keep and node.name != "attention_mask"):
+        if node.op != "placeholder" or (node not in keep and not node.name.endswith("attention_mask")):
             continue
         name = SOURCE_INPUT.format(node.name)
         with graph.inserting_after(anchor):
@@ -67,16 +69,16 @@ def splice(graph: Graph, base: GraphModule, sites: dict[int, str]) -> tuple[dict
         if node in keep and node.op not in ("placeholder", "output"):
             with graph.inserting_after(anchor):
                 copies[node] = anchor = graph.node_copy(node, lambda n: copies[n])
-    mask, source_mask = by_name["attention_mask"], copies[base_nodes["attention_mask"]]
     values: dict[int, tuple[Node, ...]] = {}
-    for slot, (i, name) in enumerate(sorted(sites.items())):
+    for slot, (i, (name, stack)) in enumerate(sorted(sites.items())):
+        mask = stack_input("attention_mask", stack) or ""
         with graph.inserting_after(anchor):
             anchor = graph.call_function(operator.getitem, (weight, (slice(None), slot)))
-        values[i] = (copies[base_nodes[name]], mask, source_mask, anchor)
+        values[i] = (copies[base_nodes[name]], by_name[mask], copies[base_nodes[mask]], anchor)
     return values, {}
 
 
-def splicer(base: GraphModule, sites: dict[int, str]) -> Splicer | None:
+def splicer(base: GraphModule, sites: dict[int, tuple[str, str]]) -> Splicer | None:
     """What `rewrite.inject` needs to run the patches' source inputs in the graph (None: no patches)."""
     return functools.partial(splice, base=base, sites=sites) if sites else None
 

@@ -39,7 +39,7 @@ def site_location(base: GraphModule, site: ConcreteSite, hidden: int, prefix: st
     known = _LOCATIONS.setdefault(base, {})
     if site.key not in known:
         order = {n.name: i for i, n in enumerate(base.graph.nodes)}
-        node, users = locate(base.graph, site, HiddenShape.of(base.graph, site.width or hidden), prefix)
+        node, users = locate(base.graph, site, HiddenShape.of(base.graph, site.width or hidden, site.stack), prefix)
         # A block's input is the previous block's output: its ops come after that block's ops.
         known[site.key] = Location(node.name, tuple(u.name for u in users), 2 * order[node.name] + (site.kind == "in"))
     return known[site.key]
@@ -61,6 +61,12 @@ class Rewritten(NamedTuple):
 
 
 POSITION_INPUTS = ("attention_mask", "prompt_length", "position_ids", "input_ids")
+
+
+def stack_input(name: str | None, stack: str) -> str | None:
+    """The graph input that plays `name`'s part for a site of this stack: a decoder's positions are the
+    target's, so its ops read `decoder_attention_mask` and `decoder_input_ids` (and none of the source's)."""
+    return f"decoder_{name}" if stack == "decoder" and name else name
 
 
 def attribute(root: nn.Module, target: str) -> object:
@@ -106,7 +112,9 @@ def inject(
     graph = copy_graph(base)
     sourced, submodules = splicer(graph) if splicer is not None else ({}, {})
     nodes = {n.name: n for n in graph.nodes}
-    position_args = tuple(nodes.get(name) if name else None for name in position_inputs)
+
+    def position_args(stack: str) -> tuple[Node | None, ...]:
+        return tuple(nodes.get(name) if (name := stack_input(each, stack)) else None for each in position_inputs)
     seen: dict[tuple[str, str], Node] = {}  # (site node, user) → the value that user currently reads
     inserted: list[Inserted] = []
 
@@ -123,7 +131,7 @@ def inject(
         for i in by_site[key]:
             name = f"{OP_PREFIX}{i}"
             submodules[name] = modules[i]
-            extra = position_args if takes_positions(modules[i]) else ()
+            extra = position_args(sites[i].stack) if takes_positions(modules[i]) else ()
             if i in sourced:
                 extra = (*sourced[i], *extra)
             with graph.inserting_after(value):
@@ -138,4 +146,4 @@ def inject(
     return Rewritten(graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index))
 
 
-__all__ = ["POSITION_INPUTS", "Inserted", "Location", "Rewritten", "Splicer", "attribute", "inject", "site_location"]
+__all__ = ["POSITION_INPUTS", "stack_input", "Inserted", "Location", "Rewritten", "Splicer", "attribute", "inject", "site_location"]

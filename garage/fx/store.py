@@ -45,7 +45,7 @@ from ..lang.diagnostics import Diagnostic
 from ..plan.archs import config_hash
 from . import export, kinds, steps
 from .export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, offloaded
-from .kinds import GraphKind, Scoring, Shape, Static, checked_kinds
+from .kinds import GraphKind, Shape, Static, checked_kinds, scoring_kind
 from .locate import SiteNotFound
 
 log = logging.getLogger("garage")
@@ -237,7 +237,7 @@ def checked_graph(model: nn.Module, filename: str, scoring: bool = False) -> Rou
     generation step, what `garage run` needs first, so checking costs no extra export; the scoring graph
     when `scoring`, for a spec that only scores), else what stands in for the last, a graph of the example
     shape or hooks (kind None)."""
-    kinds = [Scoring()] if scoring else checked_kinds(model)
+    kinds: list[GraphKind] = [scoring_kind(model)] if scoring else checked_kinds(model)
     for kind in kinds[:-1]:
         try:
             return Route(kind, graph(model, kind))

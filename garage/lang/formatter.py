@@ -92,7 +92,7 @@ def format_site(site: ast.Site) -> str:
         if site.heads is not None:
             text += format_int_set(site.heads)
     elif isinstance(site, ast.NamedSite):
-        text = site.name
+        text = f"{site.stack}.{site.name}" if site.stack else site.name
     else:
         text = format_string(site.path)
     return text + format_positions(site.positions)

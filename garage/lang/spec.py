@@ -90,9 +90,10 @@ class Positions:
 # ------------------------------------------------------------------ sites
 # mlp.hidden: the FFN's intermediate activation; attn.heads: each head's output before the attention's output
 # projection; router: an MoE block's router logits.
-COMPONENTS = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "router")
+COMPONENTS = ("out", "in", "attn", "mlp", "mlp.hidden", "attn.heads", "router", "cross")
 LAYER_ALIASES = ("h", "layer", "layers", "blocks")
 NAMED_SITES = ("embed", "final")
+STACKS = ("encoder", "decoder")  # an encoder–decoder model's stacks: `encoder.h.2`, `decoder.final`
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,12 @@ class BlockSite:
 
 @dataclass(frozen=True)
 class NamedSite:
-    """`embed` or `final`."""
+    """`embed` or `final`, or one stack's: `encoder.embed`, `decoder.final` (`stack` "" for the model's own)."""
 
     name: str
     positions: Positions | None = None
     span: Span = _span()
+    stack: str = ""
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,8 @@ class ToAst(Transformer_NonRecursive):
             name = ".".join(path)
             if name in ast.NAMED_SITES:
                 return ast.NamedSite(name, span=self._span(meta))
+            if len(path) == 2 and path[0] in ast.STACKS and path[1] in ast.NAMED_SITES:
+                return ast.NamedSite(path[1], span=self._span(meta), stack=path[0])
             if name in ast.LAYER_ALIASES:
                 raise Problem(self._span(meta), f"'{name}' needs a layer index", f"write {name}.6 or {name}.N-4")
             return ast.ModuleSite(name, span=self._span(meta))

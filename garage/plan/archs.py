@@ -10,6 +10,7 @@ time, so one row serves GPT2Model and GPT2LMHeadModel alike).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class ArchRow:
     down: str | None = None  # inside a block: the FFN's down projection, whose input is `h.I.mlp.hidden`
     attn_out: str | None = None  # inside a block: attention's output projection, whose input is `h.I.attn.heads`
     router: str | None = None  # inside a block: the MoE router, whose logits are `h.I.router`
+    cross: str | None = None  # inside a decoder block of an encoder–decoder model: cross-attention
 
 
 _GEMMA_POST_NORM = ArchRow("layers", "post_attention_layernorm", "post_feedforward_layernorm", "norm",
@@ -48,8 +50,9 @@ _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 _FINAL_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
 _DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2")
-_ATTN_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "o", "wo")
+_ATTN_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "o", "wo", "output")  # LED's, BigBird-Pegasus's: `output`
 _ROUTER_NAMES = ("gate", "router")
+_CROSS_NAMES = ("encoder_attn", "EncDecAttention", "crossattention", "cross_attn", "cross_attention")
 _TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts")  # config fields, by family
 
 
@@ -111,6 +114,9 @@ class ModelInfo:
     attn_blocks: frozenset[int] = frozenset()  # the blocks that have attention at `attn` (a hybrid's are some)
     mlp_blocks: frozenset[int] = frozenset()
     block_children: Mapping[int, tuple[str, ...]] = field(default_factory=dict, hash=False)  # "name (Class)"
+    cross: str | None = None  # relative to a block: cross-attention (an encoder–decoder model's decoder)
+    stack: str = ""  # "encoder" or "decoder": the stack of an encoder–decoder model this describes
+    stacks: Mapping[str, "ModelInfo"] = field(default_factory=dict, hash=False)  # both, on the model's own info
 
     @property
     def head_size(self) -> int | None:
@@ -138,17 +144,29 @@ class ModelInfo:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelInfo":
+        """What garage knows of this model; an encoder–decoder model's info is its decoder's, with both stacks
+        (each described alone, its layers counted from 0) in `stacks`."""
         config = model_config(model)
         text = text_config(model)
-        num_layers = int(text.num_hidden_layers)
-        hidden = int(text.hidden_size)
         model_type = str(getattr(text, "model_type", None) or getattr(config, "model_type", "unknown"))
         modules = dict(model.named_modules())
+        facts = (modules, text, model_type, int(text.hidden_size), weights_fingerprint(model))
+        stacks = stack_paths(model)
+        if stacks:
+            infos = {name: cls._described(*facts, _stack_blocks(modules, path), None, name) for name, path in stacks.items()}
+            return dataclasses.replace(infos["decoder"], stacks=infos)
         row = ARCHS.get(model_type) or ARCHS.get(str(getattr(config, "model_type", "")))
-        blocks = _find_blocks(modules, num_layers, row.blocks if row else None)
+        blocks = _find_blocks(modules, int(text.num_hidden_layers), row.blocks if row else None)
+        return cls._described(*facts, blocks, row)
+
+    @classmethod
+    def _described(cls, modules: dict[str, nn.Module], text: Any, model_type: str, hidden: int, fingerprint: str,
+                   blocks: str, row: ArchRow | None, stack: str = "") -> "ModelInfo":
+        """The info of one stack of blocks (the model's only one, or one of an encoder–decoder's two)."""
+        num_layers = len(modules[blocks])  # type: ignore[arg-type]
         discovered = row is None
         if row is None:
-            row = _discover(modules, blocks, num_layers, hidden)
+            row = _discover(modules, blocks, num_layers, hidden, within=_stack_root(blocks) if stack else "")
         base = blocks[: len(blocks) - len(row.blocks)] if blocks.endswith(row.blocks) else ""
 
         def full(rel: str | None) -> str | None:
@@ -170,6 +188,7 @@ class ModelInfo:
 
         routers = [(i, rel) for i in range(num_layers) if (rel := _router_in(modules, f"{blocks}.{i}", row, hidden, discovered))]
         attn_out = inside(row.attn_out)
+        heads = (f"{stack}_attention_heads",) * bool(stack) + ("num_attention_heads",)
 
         return cls(
             model_type=model_type,
@@ -185,17 +204,57 @@ class ModelInfo:
             ffn_width=width_in(row.down),
             out_widths={name: w for name, m in modules.items() if (w := _output_width(m)) not in (None, hidden)},
             attn_out=attn_out,
-            heads=_config_int(text, ("num_attention_heads",)),
+            heads=_config_int(text, heads),
             head_width=width_in(attn_out),
             router=routers[0][1] if routers else None,
             experts=_experts(modules[f"{blocks}.{routers[0][0]}.{routers[0][1]}"], hidden) if routers else 0,
             experts_per_token=_config_int(text, _TOP_K_NAMES),
-            fingerprint=weights_fingerprint(model),
+            fingerprint=fingerprint,
             attn_blocks=having(row.attn, "attn"),
             mlp_blocks=having(row.mlp, "mlp"),
             block_children={i: tuple(f"{name} ({type(m).__name__})" for name, m in modules[f"{blocks}.{i}"].named_children())
                             for i in range(num_layers)},
+            cross=inside(row.cross) if stack == "decoder" else None,  # a causal BART has an unused `encoder_attn`
+            stack=stack,
         )
+
+
+STACKS = ("encoder", "decoder")  # an encoder–decoder model's two stacks, as sites name them
+
+
+def stack_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """An encoder–decoder model's encoder and decoder modules (`get_encoder()`, `get_decoder()`); {} for others."""
+    if not getattr(model_config(model), "is_encoder_decoder", False):
+        return {}
+    found = {}
+    for name in STACKS:
+        getter = getattr(model, f"get_{name}", None)
+        try:
+            module = getter() if callable(getter) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if not isinstance(module, nn.Module):
+            return {}
+        found[name] = module
+    return found
+
+
+def stack_paths(model: nn.Module) -> dict[str, str]:
+    """The module paths of an encoder–decoder model's two stacks ("model.encoder", …); {} for other models."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    return {name: paths[id(module)] for name, module in stack_modules(model).items() if id(module) in paths}
+
+
+def _stack_blocks(modules: dict[str, nn.Module], stack: str) -> str:
+    """A stack's block list: the shallowest ModuleList inside it (T5's blocks hold ModuleLists of sublayers)."""
+    lists = [name for name, m in modules.items() if isinstance(m, nn.ModuleList) and name.startswith(stack + ".")]
+    if not lists:
+        raise TypeError(f"cannot tell where the blocks of {stack} are: it holds no ModuleList")
+    return min(lists, key=lambda name: name.count("."))
+
+
+def _stack_root(blocks: str) -> str:
+    return blocks.rpartition(".")[0]
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -302,11 +361,17 @@ def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | N
 _LAYOUTS: tuple[tuple[tuple[str, ...], dict[str, str]], ...] = (
     # BERT and its clones: `attention` and `output` hold residual + LayerNorm; their dense layers do not.
     (("attention.output.dense",), dict(attn="attention.output.dense", attn_out="attention.output.dense")),
+    (("crossattention.output.dense",), dict(cross="crossattention.output.dense")),  # a BERT decoder's
     (("intermediate", "output.dense"), dict(mlp="output.dense", down="output.dense")),  # FNet's too
     # MPNet: as BERT, with attention's output projection inside its own `attn`.
     (("attention.attn.o",), dict(attn="attention.attn.o", attn_out="attention.attn.o")),
     # BART and its kind: fc1 → activation → fc2 with no MLP module; fc2's output is the MLP's.
     (("fc1", "fc2"), dict(mlp="fc2", down="fc2")),
+    # T5: sublayers wrapped with their norm and residual (`layer.0` attention; the FFN is `layer.1` in the
+    # encoder, `layer.2` in the decoder, after cross-attention); the wrapped modules give the sites.
+    (("layer.0.SelfAttention",), dict(attn="layer.0.SelfAttention", attn_out="layer.0.SelfAttention.o")),
+    (("layer.1.DenseReluDense",), dict(mlp="layer.1.DenseReluDense", down="layer.1.DenseReluDense.wo")),
+    (("layer.2.DenseReluDense",), dict(mlp="layer.2.DenseReluDense", down="layer.2.DenseReluDense.wo")),
 )
 # What attention and MLP classes are called, for a block whose sublayers have names garage does not know; a
 # class that also holds a norm or a whole block (DbrxNormAttentionNorm, CpmAntSelfAttentionBlock) is not one.
@@ -331,12 +396,13 @@ def _by_class(rels: list[tuple[str, nn.Module]], kind: str) -> str | None:
     return min(found, key=lambda rel: rel.count("."), default=None)
 
 
-def _final_norm(modules: dict[str, nn.Module], blocks: str) -> str | None:
+def _final_norm(modules: dict[str, nn.Module], blocks: str, within: str = "") -> str | None:
     """The last norm registered after the blocks in their parent module, or else in the nearest ancestor
     that has one after the module holding them: MPT's and Mamba's `norm_f`, mBART's `layer_norm`, RWKV's
-    `ln_out`, RoBERTa-PreLayerNorm's `LayerNorm` beside its encoder (its full path)."""
+    `ln_out`, RoBERTa-PreLayerNorm's `LayerNorm` beside its encoder (its full path). Not above `within`: an
+    encoder's search stops at its own module, where the decoder's norm would come after it."""
     path = blocks
-    while path:
+    while path and path != within:
         parent, _, child = path.rpartition(".")
         prefix = parent + "." if parent else ""
         siblings = [n[len(prefix):] for n in modules if n.startswith(prefix) and n and "." not in n[len(prefix):]]
@@ -352,9 +418,10 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
-def _discover(modules: dict[str, nn.Module], blocks: str, num_layers: int, hidden: int) -> ArchRow:
+def _discover(modules: dict[str, nn.Module], blocks: str, num_layers: int, hidden: int, within: str = "") -> ArchRow:
     """A table row found from the model's modules, for architectures the table does not know: a known layout,
-    common names, then class names, in every block (a hybrid's block 0 may have no attention)."""
+    common names, then class names, in every block (a hybrid's block 0 may have no attention). `within`: the
+    stack of an encoder–decoder model these blocks belong to."""
     parent = blocks.rpartition(".")[0]
     prefix = parent + "." if parent else ""
     every = [(name[len(inner):], m) for i in range(num_layers) for name, m in modules.items()
@@ -381,7 +448,9 @@ def _discover(modules: dict[str, nn.Module], blocks: str, num_layers: int, hidde
                 and (width := _input_width(m)) and (width != hidden or not down)]
         return named or (back[-1] if back else None)
 
-    final = prefix + found if (found := first(_FINAL_NAMES, top)) else _final_norm(modules, blocks)
+    final = prefix + found if (found := first(_FINAL_NAMES, top)) else _final_norm(modules, blocks, within)
+    crossing = [rel for rel in rels if rel.rpartition(".")[2] in _CROSS_NAMES]
     return ArchRow(blocks, attn, mlp, final,  # full paths: the final norm may sit above the blocks' parent
                    layout.get("down") or child(mlp, _DOWN_NAMES, True),
-                   layout.get("attn_out") or child(attn, _ATTN_OUT_NAMES, False))
+                   layout.get("attn_out") or child(attn, _ATTN_OUT_NAMES, False),
+                   cross=layout.get("cross") or min(crossing, key=lambda rel: rel.count("."), default=None))

@@ -6,6 +6,7 @@ for the validator to merge with its own.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator
@@ -25,7 +26,7 @@ from ..lang.diagnostics import (
 from ..lang.formatter import format_int_set, format_positions, format_string
 from .archs import ModelInfo
 
-SiteKind = str  # "in" | "out" | "attn" | "mlp" | "mlp.hidden" | "attn.heads" | "router" | "final" | "module"
+SiteKind = str  # "in" | "out" | "attn" | "cross" | "mlp" | "mlp.hidden" | "attn.heads" | "router" | "final" | "module"
 INPUT_KINDS = ("in", "mlp.hidden", "attn.heads")  # sites that are a module's input, not its output
 
 
@@ -34,7 +35,8 @@ class ConcreteSite:
     """One hidden state of one model. `module_path` is the module whose output it is (its input, for "in",
     "mlp.hidden" and "attn.heads"; the router module, whose logits are the first value it computes, for
     "router"). `width` is the state's last dimension when it is not the model's hidden size. An
-    "attn.heads" site splits that width into `head_count` heads, of which ops touch `heads` (None: all)."""
+    "attn.heads" site splits that width into `head_count` heads, of which ops touch `heads` (None: all).
+    `stack` is "encoder" or "decoder" on an encoder–decoder model: its positions are that stack's tokens."""
 
     kind: SiteKind
     layer: int | None
@@ -43,6 +45,7 @@ class ConcreteSite:
     width: int | None = None
     heads: tuple[int, ...] | None = None
     head_count: int = 0
+    stack: str = ""
 
     @property
     def op_width(self) -> int | None:
@@ -55,15 +58,17 @@ class ConcreteSite:
 
     @property
     def label(self) -> str:
-        """The canonical spelling, e.g. `h.6.mlp`, `embed`, `final`, `"model.layers.2.mlp.up_proj"`."""
+        """The canonical spelling, e.g. `h.6.mlp`, `embed`, `final`, `"model.layers.2.mlp.up_proj"`,
+        `decoder.h.1.cross`."""
+        stack = f"{self.stack}." if self.stack else ""
         if self.kind == "in" and self.layer == 0:
-            text = "embed"
+            text = stack + "embed"
         elif self.kind == "final":
-            text = "final"
+            text = stack + "final"
         elif self.kind == "module":
             text = format_string(self.module_path)
         else:
-            text = f"h.{self.layer}" + ("" if self.kind == "out" else f".{self.kind}")
+            text = f"{stack}h.{self.layer}" + ("" if self.kind == "out" else f".{self.kind}")
         return text + (format_int_set(self.heads) if self.heads is not None else "") + format_positions(self.positions)
 
     @property
@@ -107,7 +112,7 @@ class Plan:
 
 
 # ------------------------------------------------------------------ layer indices
-def _index(expr: ast.IndexExpr, n: int) -> int:
+def _index(expr: ast.IndexExpr, n: int, owner: str = "this model") -> int:
     if isinstance(expr, ast.Index):
         value = expr.value + n if expr.value < 0 else expr.value
         written = str(expr.value)
@@ -121,24 +126,25 @@ def _index(expr: ast.IndexExpr, n: int) -> int:
         shown = written if written == str(value) else f"{written} (= {value})"
         raise Problem(
             expr.span,
-            f"layer {shown} is out of range: this model has {n} layers (0..{n - 1})",
+            f"layer {shown} is out of range: {owner} has {n} layers (0..{n - 1})",
             f"use an index in 0..{n - 1}, -1 or N-1 for the last block",
         )
     return value
 
 
-def layer_indices(sel: ast.LayerSelector, n: int) -> list[int]:
-    """The block indices a selector names on a model of n blocks, in order, without repeats."""
+def layer_indices(sel: ast.LayerSelector, n: int, owner: str = "this model") -> list[int]:
+    """The block indices a selector names on a model (or `owner`, a stack of it) of n blocks, in order, without
+    repeats."""
     if isinstance(sel, ast.AllLayers):
         return list(range(n))
     if isinstance(sel, ast.LayerRange):
-        start, end = _index(sel.start, n), _index(sel.end, n)
+        start, end = _index(sel.start, n, owner), _index(sel.end, n, owner)
         if end < start:
             raise Problem(sel.span, f"empty layer range: {start} > {end}", f"write {end}..{start}")
         return list(range(start, end + 1))
     if isinstance(sel, ast.LayerSet):
-        return list(dict.fromkeys(i for item in sel.items for i in layer_indices(item, n)))
-    return [_index(sel, n)]
+        return list(dict.fromkeys(i for item in sel.items for i in layer_indices(item, n, owner)))
+    return [_index(sel, n, owner)]
 
 
 # ------------------------------------------------------------------ sites
@@ -187,10 +193,23 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def _component_path(info: ModelInfo, kind: str, layer: int, span: Span) -> str:
+    if kind == "cross":
+        return _cross(info, layer, span)
     rel = {"attn": info.attn, "mlp": info.mlp}.get(kind)
     if kind in ("attn", "mlp") and (rel is None or layer not in info.blocks_with(kind)):
         raise _missing(info, kind, layer, span)
     return info.block(layer) + (f".{rel}" if rel else "")
+
+
+def _cross(info: ModelInfo, layer: int, span: Span) -> str:
+    """`decoder.h.I.cross`: the output of cross-attention (over the encoder's states) before its residual add."""
+    if info.has(layer, info.cross):
+        return f"{info.block(layer)}.{info.cross}"
+    if info.stack == "encoder":
+        raise Problem(span, "the encoder has no cross-attention: its blocks attend to the source only",
+                      "cross-attention is in the decoder: write decoder.h.I.cross")
+    raise Problem(span, f"block {layer} of this model ({info.model_type}) has no cross-attention",
+                  "h.I.cross is the decoder's attention over the encoder, in an encoder–decoder model (T5, BART, …)")
 
 
 _KIND_NAMES = {"attn": "attention", "mlp": "MLP"}
@@ -220,7 +239,8 @@ def _classify(info: ModelInfo, path: str, positions: ast.Positions | None) -> Co
         head, _, rest = path[len(prefix):].partition(".")
         if head.isdigit():
             layer = int(head)
-            kind = {"": "out", info.attn: "attn", info.mlp: "mlp", info.router: "router"}.get(rest, "module")
+            kind = {"": "out", info.attn: "attn", info.mlp: "mlp", info.router: "router", info.cross: "cross"
+                    }.get(rest, "module")
             width = info.experts if kind == "router" else info.out_widths.get(path) if kind == "module" else None
             return ConcreteSite(kind, layer, path, positions, width)
     return ConcreteSite("module", None, path, positions, info.out_widths.get(path))
@@ -237,7 +257,7 @@ def _module_path(info: ModelInfo, path: str, span: Span, scope: str = "") -> str
 
 
 def _check_container(info: ModelInfo, site: ast.BlockSite) -> None:
-    if site.container is None:
+    if site.container is None or info.stack:  # a stack's container was checked when it was chosen
         return
     written = ".".join(site.container)
     if written not in info.block_container_names:
@@ -252,19 +272,60 @@ _SPECIAL = {"mlp.hidden": _ffn_hidden, "attn.heads": _attn_heads, "router": _rou
 
 
 def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
-    """Every concrete site that one written site names on this model."""
+    """Every concrete site that one written site names on this model (on an encoder–decoder model, in the
+    stack it names, its layers counted within that stack)."""
+    if info.stacks:
+        stack = _stack_named(info, site)
+        return [dataclasses.replace(found, stack=stack.stack) for found in _sites_in(stack, site)]
+    if isinstance(site, ast.NamedSite) and site.stack:
+        raise Problem(site.span, f"this model ({info.model_type}) has one stack of blocks, not an encoder and a decoder",
+                      f"write {site.name}")
+    return _sites_in(info, site)
+
+
+def _stack_named(info: ModelInfo, site: ast.Site) -> ModelInfo:
+    """The stack of an encoder–decoder model that a site names: `encoder.h.I`, `decoder.final`, a module path
+    inside one; a bare `h.I`, `embed` or `final` is ambiguous, and a diagnostic that names both."""
+    stacks = info.stacks
+    if isinstance(site, ast.ModuleSite):
+        inside = [s for s in stacks.values() if site.path.startswith(s.blocks.rpartition(".")[0] + ".")]
+        return inside[0] if inside else stacks["decoder"]  # the LM head, shared embeddings: either serves
+    if isinstance(site, ast.NamedSite):
+        if site.stack:
+            return stacks[site.stack]
+        raise Problem(site.span, f"`{site.name}` is ambiguous on an encoder–decoder model ({info.model_type}): "
+                      "its encoder and its decoder each have one", f"write encoder.{site.name} or decoder.{site.name}")
+    written = ".".join(site.container or ())
+    if site.container is None or written in ast.LAYER_ALIASES:
+        sizes = " and the ".join(f"{name} of {s.num_layers} blocks" for name, s in stacks.items())
+        raise Problem(site.span, f"this is an encoder–decoder model ({info.model_type}): it has two stacks, the "
+                      f"{sizes}, and `h.I` does not say which", "write encoder.h.I or decoder.h.I (layers, N and % "
+                      "count within the stack named)")
+    if len(site.container) == 2 and site.container[0] in stacks and site.container[1] in ast.LAYER_ALIASES:
+        return stacks[site.container[0]]
+    named = [s for s in stacks.values() if written in s.block_container_names[:-1]]  # not a bare `layers`
+    if len(named) != 1:
+        raise Problem(site.span, f"'{written}' is not one of this model's block lists "
+                      f"({', '.join(s.blocks for s in stacks.values())})", "write encoder.h.I or decoder.h.I")
+    return named[0]
+
+
+def _sites_in(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
+    """Every concrete site that one written site names in one stack of blocks."""
     if isinstance(site, ast.NamedSite):
         if site.name == "embed":
             return [ConcreteSite("in", 0, info.block(0), site.positions)]
         if info.final_norm is None:
-            raise Problem(site.span, f"this model ({info.model_type}) has no final norm", "use h.-1 for the last block's output")
+            last = f"{info.stack}.h.-1" if info.stack else "h.-1"
+            where = f"the {info.stack} of this model" if info.stack else "this model"
+            raise Problem(site.span, f"{where} ({info.model_type}) has no final norm", f"use {last} for the last block's output")
         return [ConcreteSite("final", None, info.final_norm, site.positions)]
     if isinstance(site, ast.ModuleSite):
         return [_classify(info, _module_path(info, site.path, site.span), site.positions)]
 
     _check_container(info, site)
     sites = []
-    for layer in layer_indices(site.layers, info.num_layers):
+    for layer in layer_indices(site.layers, info.num_layers, f"the {info.stack}" if info.stack else "this model"):
         if site.subpath:
             scope = info.block(layer) + "."
             path = _module_path(info, scope + ".".join(site.subpath), site.span, scope)
@@ -281,11 +342,14 @@ def concrete_sites(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
 # ------------------------------------------------------------------ conditions
 GATE_KINDS = ("in", "attn", "mlp", "out")  # sites of the hidden width, one value a token
 # Where in a block each kind of site is computed, first to last (a module path counts as the block's start).
-IN_BLOCK = {"in": 0, "module": 0, "attn.heads": 1, "attn": 2, "mlp.hidden": 3, "router": 3, "mlp": 4, "out": 5}
+IN_BLOCK = {"in": 0, "module": 0, "attn.heads": 1, "attn": 2, "cross": 3, "mlp.hidden": 4, "router": 4, "mlp": 5,
+            "out": 6}
 
 
-def _when(site: ConcreteSite, info: ModelInfo) -> tuple[int, int]:
-    return (info.num_layers, 0) if site.layer is None else (site.layer, IN_BLOCK[site.kind])
+def _when(site: ConcreteSite, info: ModelInfo) -> tuple[int, int, int]:
+    """When the model computes a site: the encoder's before the decoder's, blocks in order, the final norm last."""
+    stack = info.stacks.get(site.stack, info)
+    return (site.stack == "decoder", *((stack.num_layers, 0) if site.layer is None else (site.layer, IN_BLOCK[site.kind])))
 
 
 def gate(info: ModelInfo, condition: ast.Condition, steered: list[ConcreteSite]) -> Gate:

@@ -24,6 +24,6 @@ class Backend(Protocol):
         """The model's own output (ModelOutput with .logits, …) for these inputs, ops applied."""
         ...
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, request: Generation) -> torch.Tensor:
         """Prompt + new token ids, like `model.generate`, ops applied at every step."""
         ...

@@ -26,10 +26,11 @@ def rows(plan: Plan, graph: Rewritten | None) -> list[dict[str, Any]]:
                 for step in plan]
     nodes = {x.index: x.node for x in graph.inserted}
     values = {n.name: n.meta.get("val") for n in graph.graph_module.graph.nodes}
-    sizes = HiddenShape.of(graph.graph_module.graph, plan.info.hidden_size)
+    graph_ = graph.graph_module.graph
     return [{"line": step.span.line, "column": step.span.column, "site": step.site.label,
              "module_path": step.site.module_path, "node": nodes.get(i, "-"), "op": _op(step),
-             "shape": sizes.describe(values.get(nodes.get(i, "-")), step.site.head_count)}
+             "shape": HiddenShape.of(graph_, plan.info.hidden_size, step.site.stack).describe(
+                 values.get(nodes.get(i, "-")), step.site.head_count)}
             for i, step in enumerate(plan)]
 
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..fx import store
-from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, signature
+from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, signature, with_masks
 from ..fx.fuse import injected
-from ..fx.kinds import GraphKind, Scoring, Shape, Static, Step, Unpadded
+from ..fx.kinds import GraphKind, Scoring, Shape, Static, Step, Unpadded, scoring_kind
 from ..fx.locate import SiteNotFound
 from ..fx.patch_source import SOURCE_INPUT, WEIGHT_INPUT, patch_indices
 from ..fx.rewrite import Rewritten
@@ -80,7 +80,7 @@ class GraphBackend:
 
     def explained(self) -> Rewritten | None:
         """The graph `explain` reads: the one the spec was checked on, else the scoring graph; None by hooks."""
-        if not self._graphs and self._runner("scoring", Scoring()) is None:
+        if not self._graphs and self._runner("scoring", scoring_kind(self.model)) is None:
             return None
         return next(iter(self._graphs.values()))
 
@@ -133,7 +133,8 @@ class GraphBackend:
     def score(self, inputs: dict[str, torch.Tensor]) -> Any:
         """The model's output; a patching spec's inputs also hold `source_<name>` and `patch_weight`
         (`InjectedModel.forward` puts them there), which only its scoring graph takes."""
-        shape = (int(inputs["input_ids"].shape[0]), int(inputs["input_ids"].shape[1]))
+        ids = next(inputs[name] for name in ("input_ids", "decoder_input_ids", "input_features") if name in inputs)
+        shape = (int(ids.shape[0]), int(ids.shape[-1]))
         if self.patches:
             return self._patched(inputs, shape)
         found = None
@@ -143,21 +144,19 @@ class GraphBackend:
                 self._causal_path = False  # the padded graph (or hooks) serves unpadded batches too
                 found = None
         if found is None:
-            inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-            found = self._runner("scoring", Scoring(signature(inputs)), shape)
+            found = self._runner("scoring", Scoring(signature(with_masks(inputs))), shape)
         if found is not None:
             try:
                 return found[1](input_ids=inputs["input_ids"]) if isinstance(found[0], Unpadded) else found[1](**inputs)
             except AssertionError as err:
                 self._refused("scoring", err)
-        inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-        return self.hooks.score(inputs)
+        return self.hooks.score(with_masks(inputs))
 
     def _patched(self, inputs: dict[str, torch.Tensor], shape: Shape) -> Any:
         """Scoring with the source inputs: always the padded scoring graph, never hooks (`_fall_back` raises)."""
         source = SOURCE_INPUT.format("")
         extra = {name: inputs.pop(name) for name in list(inputs) if name.startswith(source) or name == WEIGHT_INPUT}
-        inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        with_masks(inputs)
         found = self._runner("scoring", Scoring(signature(inputs)), shape)
         assert found is not None
         try:
@@ -176,9 +175,9 @@ class GraphBackend:
         return mask is None or bool(mask.all())
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, request: Generation) -> torch.Tensor:
         found = self._runner("generation", Step())
-        if found is not None:
+        if found is not None and attention_mask is not None:
             step = found[1]
             try:
                 dtype = next(self.model.parameters()).dtype

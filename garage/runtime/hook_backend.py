@@ -52,7 +52,7 @@ class HookBackend:
             return self.model(**inputs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, request: Generation) -> torch.Tensor:
         """`model.generate` under the hooks: it resolves the request and chooses tokens as garage's own loop does.
         `request.after_call` runs after each of the model's forward calls, as after each step of garage's loop."""
         generate: Any = getattr(self.model, "generate")  # a GenerationMixin method, untyped through nn.Module

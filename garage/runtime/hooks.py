@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ..ops import takes_positions
+from ..plan.archs import stack_modules
 from ..plan.resolve import INPUT_KINDS, ConcreteSite
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # the ops of one site, applied in order
@@ -79,25 +80,25 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
     hooks = HookSet(model)
     grouped: dict[tuple[str, str], list[nn.Module]] = {}
     widths: dict[tuple[str, str], int | None] = {}
+    stacks: dict[tuple[str, str], str] = {}
     for site, module in zip(sites, modules):
         grouped.setdefault(site.key, []).append(module)
         widths[site.key] = site.width
+        stacks[site.key] = site.stack
 
-    def remember_mask(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        hooks.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
-        hooks.ctx.input_ids = ids if isinstance(ids, torch.Tensor) else None
-        if _past_length(kwargs) == 0:  # a new prompt: its real tokens are the [prompt] positions
-            hooks.ctx.prompt_length = _real_tokens(hooks.ctx.attention_mask, ids)
-
-    if any(takes_positions(m) for m in modules):
-        hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))
+    contexts = {"": hooks.ctx}
+    positional = {site.stack for site, m in zip(sites, modules) if takes_positions(m)}
+    if "" in positional:
+        hooks.handles.append(model.register_forward_pre_hook(_remember(hooks.ctx), with_kwargs=True))
+    for name, stack in stack_modules(model).items():  # an encoder–decoder model: each stack's own tokens
+        contexts[name] = CallContext()
+        if name in positional:
+            hooks.handles.append(stack.register_forward_pre_hook(_remember(contexts[name], stack=True), with_kwargs=True))
 
     named = dict(model.named_modules())
     for (kind, path), group in grouped.items():
         target = named[path]
-        run = _runner(group, target, hooks.ctx)
+        run = _runner(group, target, contexts[stacks[kind, path]])
         if kind == "router":
             hooks.handles += _router_hooks(target, run, widths[kind, path] or 0)
         elif kind in INPUT_KINDS:
@@ -105,6 +106,26 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
         else:
             hooks.handles.append(target.register_forward_hook(lambda _m, _a, out, run=run: _replace_hidden(out, run)))
     return hooks
+
+
+def _remember(ctx: CallContext, stack: bool = False) -> Callable[..., None]:
+    """A pre-hook that keeps a call's mask, ids and prompt lengths in `ctx`. On a stack of an encoder–decoder
+    model, whose decoder is called without a mask while generating, a missing mask is all ones over the cache
+    and the new tokens, so that positions count from the first target token."""
+
+    def remember(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None  # not audio features
+        past = _past_length(kwargs)
+        if stack and not isinstance(mask, torch.Tensor) and ids is not None:
+            mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
+        ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        ctx.input_ids = ids
+        if past == 0:  # a new prompt: its real tokens are the [prompt] positions
+            ctx.prompt_length = _real_tokens(ctx.attention_mask, ids)
+
+    return remember
 
 
 def _real_tokens(mask: torch.Tensor | None, ids: Any) -> torch.Tensor | None:

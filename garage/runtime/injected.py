@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..fx.export import model_device, vocab_size
-from ..fx.kinds import GraphKind, Scoring
+from ..fx.export import is_encoder_decoder, model_device, vocab_size
+from ..fx.kinds import GraphKind, scoring_kind
 from ..fx.rewrite import Rewritten
 from ..fx.steps import can_generate
 from ..lang.diagnostics import Diagnostic, GarageWarning
@@ -75,7 +75,7 @@ class InjectedModel(nn.Module):
     @property
     def graph_module(self) -> GraphModule:
         """The injected GraphModule for input_ids + attention_mask (its `.code` is readable Python)."""
-        return self.backend.graph(Scoring()).graph_module
+        return self.backend.graph(scoring_kind(self.model)).graph_module
 
     # ------------------------------------------------------------------ calling
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -93,8 +93,11 @@ class InjectedModel(nn.Module):
                 continue
             elif value is not None:
                 raise TypeError(f"InjectedModel does not take {name}={value!r}: the scoring graph has it baked in")
-        if "input_ids" not in inputs:
+        if not {"input_ids", "input_features"} & set(inputs):
             raise TypeError("InjectedModel needs input_ids")
+        if is_encoder_decoder(self.model) and not {"decoder_input_ids", "labels"} & set(inputs):
+            raise TypeError("an encoder–decoder model scores target tokens given a source: pass decoder_input_ids "
+                            "(the target, starting with the model's decoder_start_token_id), or call generate")
         inputs.update(patching.source_inputs(self.plan, self.backend.patches, inputs, source, patch_weight))
         self.captures.clear()
         return self.backend.score(inputs)
@@ -102,7 +105,7 @@ class InjectedModel(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 20,
         do_sample: bool = False,
@@ -119,16 +122,27 @@ class InjectedModel(nn.Module):
         processors (forced EOS, n-gram blocking, …); `options` are more generation config fields (min_p,
         repetition_penalty, …). Where the step graph cannot be built, `model.generate` runs under hooks
         instead (see `fallbacks`). Captures keep every step's values, joined along the sequence (see
-        `capture` in docs/language.md)."""
+        `capture` in docs/language.md).
+
+        An encoder–decoder model returns the target ids, as its `generate` does (decoder start token, then
+        the new tokens); a speech model takes `input_features=` in place of ids. Its encoder's captures hold
+        the one encoder pass; its decoder's are joined over the steps like a decoder-only model's."""
         if not can_generate(self.model):
             raise TypeError(f"{type(self.model).__name__} is not a causal language model; it cannot generate")
         patching.refuse(self.plan, "generation")
+        features = options.pop("input_features", None)
+        input_ids = input_ids if input_ids is not None else features
+        if input_ids is None:
+            raise TypeError("generate needs input_ids (or input_features, for a speech model)")
         request = Generation.resolve(getattr(self.model, "generation_config", None), max_new_tokens, do_sample,
                                      eos_token_id, pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
                                      **options)
         self.captures.clear()
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        with recording(self.captures, self.ops, int(input_ids.shape[1])) as record:
+        mask = attention_mask if attention_mask is not None or features is not None else torch.ones_like(input_ids)
+        seq2seq = is_encoder_decoder(self.model)
+        once = [op for step, op in zip(self.plan, self.ops) if step.site.stack == "encoder"]  # the encoder runs once
+        prompt = 1 if seq2seq else int(input_ids.shape[1])  # a decoder's prompt: its start token
+        with recording(self.captures, [op for op in self.ops if op not in once], prompt) as record:
             return self.backend.generate(input_ids, mask, dataclasses.replace(request, after_call=record.called))
 
     # ------------------------------------------------------------------ artefacts and parameters

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..fx.export import with_masks
 from ..fx.patch_source import SOURCE_INPUT, WEIGHT_INPUT
 from ..lang import spec as ast
 from ..lang.diagnostics import ValidationError
@@ -37,19 +38,18 @@ def source_inputs(plan: Plan, patches: int, inputs: dict[str, torch.Tensor], sou
     if not isinstance(source, Mapping):
         raise _error(plan, f"source= must map input names to tensors, like the base call's keywords, not be a "
                      f"{type(source).__name__}", SOURCE_HINT)
-    unknown = sorted(set(source) - set(inputs) - {"attention_mask"})
-    missing = sorted(set(inputs) - set(source) - {"attention_mask"})
+    unknown = sorted(n for n in set(source) - set(inputs) if not n.endswith("attention_mask"))
+    missing = sorted(n for n in set(inputs) - set(source) if not n.endswith("attention_mask"))
     if "input_ids" not in source or unknown or missing or not all(isinstance(t, torch.Tensor) for t in source.values()):
         raise _error(plan, f"the source input must hold tensors under the base input's names ({', '.join(sorted(inputs))})"
                      + (f"; it lacks {', '.join(missing)}" if missing else "")
                      + (f"; it has {', '.join(unknown)}, which the base input has not" if unknown else ""), SOURCE_HINT)
-    source = dict(source)
-    source.setdefault("attention_mask", torch.ones_like(source["input_ids"]))
+    source = with_masks(dict(source))
     rows = int(source["input_ids"].shape[0])
     if rows not in (1, int(ids.shape[0])):
         raise _error(plan, f"the source input has {rows} rows and the base input {int(ids.shape[0])}: each base row "
                      "is patched from its own source row, or every row from one", "give one source row, or one per base row")
-    if not bool(source["attention_mask"].to(torch.bool).any(-1).all()):
+    if not all(bool(t.to(torch.bool).any(-1).all()) for n, t in source.items() if n.endswith("attention_mask")):
         raise _error(plan, "a source row has no real token (its attention mask is all zeros)", "remove that row")
     if weight is None:
         weight = torch.ones(1, patches, 1, 1, device=ids.device)
