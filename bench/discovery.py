@@ -1,6 +1,6 @@
 """What garage's discovery finds in every family, written as docs/discovery.md (see garage/plan/snapshot.py).
 
-    python bench/discovery.py                   # every family the sweep builds, and every seq2seq family
+    python bench/discovery.py                   # every family the sweep builds
     python bench/discovery.py llama t5 jamba    # print these families' rows
 
 Each family is built as bench/sweep.py builds it (its config's defaults shrunk to 4 layers, hidden 64, random
@@ -36,10 +36,8 @@ discovery changes: regenerate this file when the change is meant.
 
 
 def families() -> list[tuple[str, str]]:
-    """The sweep's families (causal LMs, text encoders), then every encoder–decoder family."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
-
-    return sweep.families() + [(t, "seq2seq") for t in sorted(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)]
+    """The sweep's families: causal LMs, text encoders, encoder–decoder models."""
+    return sweep.families()
 
 
 def described(model_type: str, head: str) -> list[dict[str, str]]:

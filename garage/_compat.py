@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from transformers import DynamicCache, masking_utils
+from transformers import DynamicCache, EncoderDecoderCache, masking_utils
 from transformers.cache_utils import DynamicLayer
 
 _LOCK = threading.Lock()
@@ -198,10 +198,12 @@ def stack_traces(keep: bool) -> Iterator[None]:
 
 def is_guard_failure(err: BaseException) -> bool:
     """Whether an error from running an exported graph is one of its input guards refusing the input (the
-    `Guard failed: …` AssertionError of torch's `_guards_fn`, and of garage's rebuilt guards), not a bug
-    (the message checked on torch 2.13). If torch rewords it, a refused input raises instead of falling back
-    to hooks, and the guard tests fail."""
-    return isinstance(err, AssertionError) and "Guard failed" in str(err)
+    `Guard failed: …` AssertionError of torch's `_guards_fn`, and of garage's rebuilt guards), or one of the
+    runtime asserts a graph exported with deferred asserts keeps (`Runtime assertion failed for expression
+    …`, a RuntimeError: a BERT2BERT decoder step's), not a bug (the messages checked on torch 2.13). If torch
+    rewords them, a refused input raises instead of falling back to hooks, and the guard tests fail."""
+    return ((isinstance(err, AssertionError) and "Guard failed" in str(err))
+            or (isinstance(err, RuntimeError) and "Runtime assertion failed" in str(err)))
 
 
 def fixes_dynamic_size(err: BaseException) -> bool:
@@ -450,4 +452,40 @@ def slot_cache(past: Sequence[torch.Tensor], slot: torch.Tensor) -> DynamicCache
     to export, and generation tests fail."""
     cache = DynamicCache()
     cache.layers = [SlotLayer(k, v, slot) for k, v in zip(past[0::2], past[1::2])]
+    return cache
+
+
+class CrossLayer(DynamicLayer):
+    """A cross-attention cache layer over preallocated [batch, heads, source, head size] buffers, written whole
+    by an encoder–decoder model's first decoder step and read by the later ones. Overrides the same
+    DynamicLayer parts as SlotLayer (checked on transformers 5.25); if the protocol changes, the decoder step
+    graph fails to export, and the encoder–decoder generation tests fail."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.copy_(key_states)
+        self.values.copy_(value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:  # the cache starts "not updated"; the step says which it is
+        return 0
+
+
+def both_caches(past: Sequence[torch.Tensor], layers: int, slots: torch.Tensor, cross_ready: bool) -> EncoderDecoderCache:
+    """The self-attention slot cache over the first 2·layers buffers and the cross-attention cache over the next
+    2·layers, marked as holding the source's keys and values (`cross_ready`) or as still to compute them (the
+    layers read `EncoderDecoderCache.is_updated[layer]`, checked on transformers 5.25)."""
+    cross = DynamicCache()
+    cross.layers = [CrossLayer(k, v) for k, v in zip(past[2 * layers:4 * layers:2], past[2 * layers + 1:4 * layers:2])]
+    cache = EncoderDecoderCache(slot_cache(past[:2 * layers], slots), cross)
+    cache.is_updated = {i: cross_ready for i in range(layers)}
     return cache

@@ -66,6 +66,7 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
     if isinstance(prompts, str) or not prompts:
         raise ValueError("give a non-empty list of prompts")
     where, info = one_site(model, site), ModelInfo.from_model(model)
+    blocks = info.stacks.get(where.stack, info).num_layers  # an encoder–decoder model's: the stack's own
     if reduce == "sequence":
         tensor = _sequence(model, tokenizer, list(prompts), where.label)
     else:
@@ -87,8 +88,8 @@ def extract(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str 
         "kind": "blade", "model_type": info.model_type, "source": source or source_name(model),
         "config_hash": config_hash(model)[:16], "weights": info.fingerprint, "hidden_size": str(tensor.shape[-1]),
         "site": where.label, "site_kind": where.kind, "layer": "" if where.layer is None else str(where.layer),
-        "num_layers": str(info.num_layers),
-        "depth": "" if where.layer is None else f"{where.layer / info.num_layers:.4f}",
+        "num_layers": str(blocks),
+        "depth": "" if where.layer is None else f"{where.layer / blocks:.4f}",
         "domain": domain or "", "reduce": reduce, "prompts": str(len(prompts)),
         "prompts_hash": hashlib.sha256(text.encode()).hexdigest()[:16], "garage_version": __version__, **chosen,
     }

@@ -211,10 +211,14 @@ def _source(name: str) -> str:
 
 
 def _pretrained(location: str, local: bool, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM, or, for a config that says it is an encoder–decoder model (T5, BART, Marian, …), its seq2seq
+    class, with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    return (AutoModelForCausalLM.from_pretrained(location, local_files_only=local, **kwargs),
+    config = AutoConfig.from_pretrained(location, local_files_only=local)
+    auto: Any = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return (auto.from_pretrained(location, local_files_only=local, **kwargs),
             AutoTokenizer.from_pretrained(location, local_files_only=local))
 
 

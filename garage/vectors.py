@@ -21,7 +21,8 @@ from torch import nn
 from ._version import __version__
 from .analyze import capture
 from .fx.export import is_encoder_decoder
-from .plan.archs import ModelInfo, model_config
+from .fx.seq2seq import decoder_start
+from .plan.archs import ModelInfo
 from .plan.prepare import sites_named
 from .plan.resolve import ConcreteSite
 
@@ -66,15 +67,6 @@ def token_states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sites
         captured = capture(model, list(sites), inputs)
         masks = {site: target if stacks[site] == "decoder" else source for site in sites}
         yield masks, {site: captured[site].float().cpu().reshape(*masks[site].shape, -1) for site in sites}
-
-
-def decoder_start(model: nn.Module) -> int:
-    """The token an encoder–decoder model's decoder starts from (its config's, or its generation config's)."""
-    for config in (getattr(model, "generation_config", None), model_config(model)):
-        token = getattr(config, "decoder_start_token_id", None)
-        if isinstance(token, int):
-            return token
-    raise ValueError(f"{type(model).__name__} names no decoder_start_token_id in its config")
 
 
 def states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], site: str = "h.10",

@@ -1,6 +1,6 @@
 """Deliberate mutations of garage's maths: the test suite must fail for every one of them.
 
-    python tests/mutations.py            # every mutation (46 mutations, about an hour on 2 cores)
+    python tests/mutations.py            # every mutation (49 mutations, about an hour on 2 cores)
     python tests/mutations.py ablate     # the mutations whose name contains "ablate"
 
 Each mutation changes one expression in a copy of the tracked tree (the working tree is never touched),
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_patching.py", "tests/test_patching_sweeps.py", "tests/test_conditions.py", "tests/test_sae.py",
          "tests/test_generate.py", "tests/test_reference.py", "tests/test_compile.py", "tests/test_resolve.py", "tests/test_heads_and_routers.py",
          "tests/test_blades.py", "tests/test_live_blades.py", "tests/test_train.py",
-         "tests/test_seed.py", "tests/test_architectures.py", "tests/test_seq2seq.py"]
+         "tests/test_seed.py", "tests/test_architectures.py", "tests/test_seq2seq.py", "tests/test_unusual_layouts.py"]
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
@@ -35,6 +35,14 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
                                                         "mask = torch.ones(ids.shape[0], ids.shape[1],"),
     "T5's decoder MLP is its encoder's slot": ("garage/plan/archs.py", '(("layer.2.DenseReluDense",), dict(mlp="layer.2.DenseReluDense"',
                                                '(("layer.2.DenseReluDense",), dict(mlp="layer.1.EncDecAttention"'),
+    "transposed states reach ops unpermuted": ("garage/fx/rewrite.py",
+                                               "if loc.permutation is not None:  # ops see [batch, seq, hidden]",
+                                               "if False:  # ops see [batch, seq, hidden]"),
+    "a module's earlier calls are left out": ("garage/fx/rewrite.py", "for loc in locations[ops[0]].calls]",
+                                              "for loc in (locations[ops[0]],)]"),
+    "the decoder step reads an empty cross-attention cache": ("garage/fx/seq2seq.py",
+                                                              "cache = both_caches(past[:-2], self.layers, slots, cross_ready=not self.first)",
+                                                              "cache = both_caches(past[:-2], self.layers, slots, cross_ready=True)"),
     "final norm on the embeddings": ("garage/plan/archs.py", 'and "embed" not in name]', "]"),
     "hook fallback drops the ops": ("garage/runtime/hook_backend.py",
                                     "with attach(self.model, self.sites, self.ops), scoring_config(self.model):",

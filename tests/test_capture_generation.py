@@ -74,6 +74,7 @@ def compiled(model: nn.Module, spec: str, backend: str,
     runs: list[int] = []
     if backend == "hooks":
         inj.backend.fallbacks["generation"] = Diagnostic("warning", "this test generates by hooks", rule="test")
+        inj.backend._hooked.add("generation")  # the use, as when a graph's guards refuse an input
         hooks_generate = inj.backend.hooks.generate
         monkeypatch.setattr(inj.backend.hooks, "generate", lambda *args: runs.append(1) or hooks_generate(*args))
     return inj, runs

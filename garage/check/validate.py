@@ -110,7 +110,10 @@ def _graph_checks(model: nn.Module, prepared: Prepared) -> GraphChecks:
             continue
         try:
             names = HiddenShape.of(base.graph, step.site.width or hidden, step.site.stack)
-            check_module(part[0], part[1], nodes[location.node].meta["val"], names, step.op.span, part[2])
+            value = nodes[location.node].meta["val"]
+            if location.permutation is not None:  # the op sees a transposed model's states as [batch, seq, hidden]
+                value = value.permute(location.permutation)
+            check_module(part[0], part[1], value, names, step.op.span, part[2])
         except Problem as problem:
             out.append(problem.diagnostic(source))
     out = list(dict.fromkeys(out))  # a statement over many layers reports the same problem once

@@ -26,6 +26,7 @@ from .export import (
     scoring_signature,
 )
 from .rewrite import POSITION_INPUTS
+from .seq2seq import export_decoder_step, export_encoder
 from .steps import STEP_INPUTS, STEP_PREFIX, can_generate, export_step, export_unpadded
 
 Shape = tuple[int, int]  # (batch, sequence length) of a call
@@ -38,6 +39,7 @@ class GraphKind:
     use: ClassVar[str] = "scoring"
     prefix: ClassVar[str] = ""  # the model's module paths in this graph start with it
     position_inputs: ClassVar[tuple[str | None, ...]] = POSITION_INPUTS  # what position-limited ops read
+    stack: ClassVar[str] = ""  # an encoder–decoder model's stack the graph holds alone ("": every site's)
 
     @property
     def key(self) -> str:
@@ -123,6 +125,41 @@ class Step(GraphKind):
                 "an encoder–decoder model generates through its own seq2seq loop, encoder then decoder, which the "
                 "step graph, one decoder-only stack over its cache, does not hold"))
         return export_step(model)
+
+
+@dataclass(frozen=True)
+class Encode(GraphKind):
+    """An encoder–decoder model's encoder, run once per generation (see `garage.fx.seq2seq`)."""
+
+    use: ClassVar[str] = "generation"
+    prefix: ClassVar[str] = STEP_PREFIX
+    stack: ClassVar[str] = "encoder"
+
+    @property
+    def key(self) -> str:
+        return "encode"
+
+    def export(self, model: nn.Module) -> GraphModule:
+        return export_encoder(model)
+
+
+@dataclass(frozen=True)
+class DecoderStep(GraphKind):
+    """An encoder–decoder model's decoder step over both caches: the first step (which fills the
+    cross-attention cache) or every later one (which reads it)."""
+
+    first: bool = False
+    use: ClassVar[str] = "generation"
+    prefix: ClassVar[str] = STEP_PREFIX
+    position_inputs: ClassVar[tuple[str | None, ...]] = STEP_INPUTS
+    stack: ClassVar[str] = "decoder"
+
+    @property
+    def key(self) -> str:
+        return "decoder-step-first" if self.first else "decoder-step"
+
+    def export(self, model: nn.Module) -> GraphModule:
+        return export_decoder_step(model, self.first)
 
 
 def scoring_kind(model: nn.Module) -> Scoring:

@@ -29,7 +29,10 @@ def scope_of(node: Node) -> tuple[str, ...]:
 
 
 def in_scope(node: Node, path: str) -> bool:
-    return path in scope_of(node)
+    """Whether the module at `path`, or one inside it, computed this node (SqueezeBERT's blocks are missing from
+    the stacks export records, while their sublayers are there)."""
+    inside = path + "."
+    return any(p == path or p.startswith(inside) for p in scope_of(node))
 
 
 # The inputs whose [batch, seq] a stack's hidden states have, in order of preference: an encoder–decoder
@@ -68,6 +71,19 @@ class HiddenShape:
         if self.seq == ANY:
             return len(dims) == 2 and dims[0] == self.batch
         return dims == (self.batch, self.seq) or (len(dims) == 1 and dims[0] in self.flat)
+
+    def transposed(self, node: Node) -> tuple[int, int, int] | None:
+        """The permutation that makes a value laid out [seq, batch, hidden] (XLNet's) or [batch, hidden, seq]
+        (SqueezeBERT's convolutions) into [batch, seq, hidden]; None for any other value. Each is its own
+        inverse, so the same permutation turns it back."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() != 3 or self.seq == ANY:
+            return None
+        dims = tuple(str(d) for d in val.shape)
+        hidden = str(self.hidden)
+        layouts: dict[tuple[str, ...], tuple[int, int, int]] = {(self.seq, self.batch, hidden): (1, 0, 2),
+                                                                 (self.batch, hidden, self.seq): (0, 2, 1)}
+        return layouts.get(dims)
 
     @property
     def flat(self) -> set[str]:
@@ -114,23 +130,51 @@ def _downstream_of_the_rest(found: list[Node]) -> list[Node]:
     return found
 
 
-def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool) -> list[Node]:
-    if inside:  # module output: made inside, used outside
-        return _downstream_of_the_rest([
-            n for n in graph.nodes
-            if n.op != "get_attr" and in_scope(n, path) and shape.matches(n)
-            and any(not in_scope(u, path) for u in n.users)
-        ])
-    # block input: made outside, used inside
-    return [
-        n for n in graph.nodes
-        if n.op not in ("get_attr", "output") and not in_scope(n, path) and shape.matches(n)
-        and any(in_scope(u, path) for u in n.users)
-    ]
+def _call(node: Node, path: str) -> str:
+    """Which call of the module at `path` computed this node: export keys a module's second call `…@1`."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next((key for key, (p, _type) in stack.items() if p == path), "")
 
 
-def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "") -> tuple[Node, list[Node]]:
-    """The node holding the site's value, and the users that must see the injected value instead.
+def _candidates(graph: Graph, path: str, shape: HiddenShape, inside: bool, transposed: bool = False
+                ) -> dict[str, list[Node]]:
+    """The values that qualify as the module's output (made inside, used outside) or input (made outside, used
+    inside), per call of the module, in the order the calls run; `transposed`: values of a transposed layout."""
+    calls: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        fits = shape.transposed(n) is not None if transposed else shape.matches(n)
+        if n.op in ("get_attr", "output") or not fits or in_scope(n, path) != inside:
+            continue
+        if inside:
+            if any(not in_scope(u, path) for u in n.users):
+                calls.setdefault(_call(n, path), []).append(n)
+        else:
+            for call in dict.fromkeys(_call(u, path) for u in n.users if in_scope(u, path)):
+                calls.setdefault(call, []).append(n)
+    # a module's output depends on everything it computed: of several, the one downstream of the rest
+    return {call: _downstream_of_the_rest(found) if inside else found for call, found in calls.items()}
+
+
+def _from_previous_block(found: list[Node], block: str) -> list[Node]:
+    """Of several values entering a block, the one the block before it computed: its residual stream, where a
+    block also reads another (NeoMME's blocks read the embeddings again, beside the stream)."""
+    blocks, _, index = block.rpartition(".")
+    if len(found) < 2 or not index.isdigit() or index == "0":
+        return found
+    previous = [n for n in found if in_scope(n, f"{blocks}.{int(index) - 1}")]
+    return previous if len(previous) == 1 else found
+
+
+Found = tuple[Node, list[Node], "tuple[int, int, int] | None"]  # value, users to redirect, permutation to [B, T, H]
+
+
+def locate_calls(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "") -> list[Found]:
+    """The node holding the site's value and the users that must see the injected value instead, for each call
+    of the site's module, in order: one for almost every module, and more where a model calls one module
+    twice (nanochat's final norm also normalises the embeddings), where a hook would act at each call. A
+    model that keeps its hidden states transposed ([seq, batch, hidden] or [batch, hidden, seq]) has them
+    found by that shape when no [batch, seq, hidden] value qualifies, with the permutation that turns them
+    into [batch, seq, hidden], so that ops see positions where they expect them.
 
     `prefix` is where the model sits in the exported module ("model." for the generation steps). `shape`
     gives the site's last dimension (the hidden size, or the site's own width, as for `mlp.hidden`).
@@ -141,16 +185,19 @@ def locate(graph: Graph, site: ConcreteSite, shape: HiddenShape, prefix: str = "
         if not found:
             raise SiteNotFound(f"cannot find the router logits of {site.module_path} in the traced graph: "
                                f"no [batch*seq, {shape.hidden}] value is computed inside it")
-        return found[0], list(found[0].users)
+        return [(found[0], list(found[0].users), None)]
     inside = not site.is_input
-    found = _candidates(graph, path, shape, inside)
-    if len(found) != 1:
+    calls = _candidates(graph, path, shape, inside)
+    transposed = not calls and bool(calls := _candidates(graph, path, shape, inside, transposed=True))
+    if site.kind == "in":
+        calls = {call: _from_previous_block(found, path) for call, found in calls.items()}
+    if not calls or any(len(found) != 1 for found in calls.values()):
         what = "output" if inside else "input"
-        names = ", ".join(n.name for n in found) or "none"
+        names = ", ".join(n.name for found in calls.values() for n in found) or "none"
+        count = sum(len(found) for found in calls.values())
         raise SiteNotFound(
             f"cannot find the {what} of {site.module_path} in the traced graph: "
-            f"{len(found)} [batch, seq, {shape.hidden}] values qualify ({names})"
+            f"{count} [batch, seq, {shape.hidden}] values qualify ({names})"
         )
-    node = found[0]
-    users = [u for u in node.users if in_scope(u, path) != inside]
-    return node, users
+    return [(found[0], [u for u in found[0].users if in_scope(u, path) != inside],
+             shape.transposed(found[0]) if transposed else None) for found in calls.values()]

@@ -7,28 +7,38 @@ in the order the model computes them.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
+import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .._compat import copy_graph, graph_module_like
 from ..ops import takes_positions
 from ..plan.resolve import ConcreteSite
-from .locate import HiddenShape, locate
+from .locate import HiddenShape, locate_calls
 
 OP_PREFIX = "garage_op_"
 
 
 @dataclass(frozen=True)
 class Location:
-    """Where a site lives in a base graph, by node name: its value, the users to redirect, its order."""
+    """Where a site lives in a base graph, by node name: its value, the users to redirect, its order. A module
+    the model calls more than once has its earlier calls' places too (`earlier`): ops act at each, as a hook
+    would."""
 
     node: str
     users: tuple[str, ...]
     order: int
+    earlier: tuple["Location", ...] = ()
+    permutation: tuple[int, int, int] | None = None  # a transposed value's way to and from [batch, seq, hidden]
+
+    @property
+    def calls(self) -> tuple["Location", ...]:
+        return (*self.earlier, self)
 
 
 _LOCATIONS: "weakref.WeakKeyDictionary[GraphModule, dict[tuple[str, str], Location]]" = weakref.WeakKeyDictionary()
@@ -39,9 +49,11 @@ def site_location(base: GraphModule, site: ConcreteSite, hidden: int, prefix: st
     known = _LOCATIONS.setdefault(base, {})
     if site.key not in known:
         order = {n.name: i for i, n in enumerate(base.graph.nodes)}
-        node, users = locate(base.graph, site, HiddenShape.of(base.graph, site.width or hidden, site.stack), prefix)
+        shape = HiddenShape.of(base.graph, site.width or hidden, site.stack)
         # A block's input is the previous block's output: its ops come after that block's ops.
-        known[site.key] = Location(node.name, tuple(u.name for u in users), 2 * order[node.name] + (site.kind == "in"))
+        calls = [Location(node.name, tuple(u.name for u in users), 2 * order[node.name] + (site.kind == "in"),
+                          permutation=perm) for node, users, perm in locate_calls(base.graph, site, shape, prefix)]
+        known[site.key] = dataclasses.replace(calls[-1], earlier=tuple(calls[:-1]))
     return known[site.key]
 
 
@@ -122,12 +134,14 @@ def inject(
     by_site: dict[tuple[str, str], list[int]] = {}
     for i, site in enumerate(sites):
         by_site.setdefault(site.key, []).append(i)
-    for key in sorted(by_site, key=lambda k: locations[by_site[k][0]].order):
-        loc = locations[by_site[key][0]]
+    placements = [(loc, key) for key, ops in by_site.items() for loc in locations[ops[0]].calls]
+    for loc, key in sorted(placements, key=lambda placed: placed[0].order):
         origin = nodes[loc.node]
         users = [nodes[u] for u in loc.users]
         current = seen.get((loc.node, loc.users[0]), origin)
         value = current
+        if loc.permutation is not None:  # ops see [batch, seq, hidden]; the model gets its own layout back
+            value = _permuted(graph, value, loc.permutation)
         for i in by_site[key]:
             name = f"{OP_PREFIX}{i}"
             submodules[name] = modules[i]
@@ -136,14 +150,25 @@ def inject(
                 extra = (*sourced[i], *extra)
             with graph.inserting_after(value):
                 new = graph.call_module(name, (value, *extra))
-            new.meta["val"] = origin.meta.get("val")
+            new.meta["val"] = value.meta.get("val")
             value = new
             inserted.append(Inserted(i, new.name))
+        if loc.permutation is not None:
+            value = _permuted(graph, value, loc.permutation)
         for user in users:
             user.replace_input_with(current, value)
             seen[(loc.node, user.name)] = value
     graph.lint()
     return Rewritten(graph_module(base, graph, submodules), sorted(inserted, key=lambda x: x.index))
+
+
+def _permuted(graph: Graph, value: Node, permutation: tuple[int, int, int]) -> Node:
+    """A node after `value` that permutes its dimensions (a view: the same permutation undoes it)."""
+    with graph.inserting_after(value):
+        node = graph.call_function(torch.permute, (value, permutation))
+    val = value.meta.get("val")
+    node.meta["val"] = val.permute(permutation) if isinstance(val, torch.Tensor) else None
+    return node
 
 
 __all__ = ["POSITION_INPUTS", "stack_input", "Inserted", "Location", "Rewritten", "Splicer", "attribute", "inject", "site_location"]

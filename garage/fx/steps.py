@@ -111,17 +111,24 @@ def export_step(model: nn.Module) -> GraphModule:
     except Exception as err:  # the model's own forward failed on a real input: say so as a trace failure
         raise TraceFailure(model, err) from err
     past = tuple(torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in layers)
+    shapes = (*STEP_DIMS, tuple({0: dyn, 2: dyn} for _ in past))
+    with torch.no_grad():
+        return exported(SlotStep(model), model, (*step_example(batch, seq, length, device), past),
+                        dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
+
+
+# The dynamic dimensions of a step graph's first STEP_ARGS inputs: new tokens, mask, positions, prompt lengths, slots.
+STEP_DIMS = tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in ((0, 1), (0, 1), (0, 1), (0,), (0,)))
+
+
+def step_example(batch: int, seq: int, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A step graph's first STEP_ARGS example inputs: `seq` new tokens at the start of a `length`-slot cache."""
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     mask = torch.zeros(batch, length, dtype=torch.long, device=device)
     mask[:, :seq] = 1
     positions = torch.arange(seq, device=device).expand(batch, seq).contiguous()
     prompt = torch.full((batch,), seq, dtype=torch.long, device=device)
-    slots = torch.arange(seq, device=device)
-    shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, {0: dyn},
-              tuple({0: dyn, 2: dyn} for _ in past))
-    with torch.no_grad():
-        return exported(SlotStep(model), model, (ids, mask, positions, prompt, slots, past), dynamic_shapes=shapes,
-                        prefer_deferred_runtime_asserts_over_guards=True)
+    return ids, mask, positions, prompt, torch.arange(seq, device=device)
 
 
 def export_unpadded(model: nn.Module) -> GraphModule:

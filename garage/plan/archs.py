@@ -45,6 +45,13 @@ ARCHS: dict[str, ArchRow] = {
     "gemma3_text": _GEMMA_POST_NORM,
 }
 
+# Site kinds a family has no one value for, and why: refused when a spec names them (docs/architectures.md
+# lists them). The rest of the family's sites work.
+NO_SITE: dict[str, dict[str, str]] = {
+    "reformer": {"in": "Reformer's reversible blocks take two residual streams and return two, so a block's input "
+                       "is not one value; h.I is a block's first output stream, Y1 = X1 + attention(X2)"},
+}
+
 # Used by discovery, in order of preference.
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
@@ -156,7 +163,7 @@ class ModelInfo:
             infos = {name: cls._described(*facts, _stack_blocks(modules, path), None, name) for name, path in stacks.items()}
             return dataclasses.replace(infos["decoder"], stacks=infos)
         row = ARCHS.get(model_type) or ARCHS.get(str(getattr(config, "model_type", "")))
-        blocks = _find_blocks(modules, int(text.num_hidden_layers), row.blocks if row else None)
+        blocks = _find_blocks(modules, _layer_counts(text), row.blocks if row else None)
         return cls._described(*facts, blocks, row)
 
     @classmethod
@@ -339,8 +346,18 @@ def _router_in(modules: dict[str, nn.Module], block: str, row: ArchRow, hidden: 
 _TOWERS = ("vision", "visual", "audio", "image", "speech")  # a multimodal model's other encoders
 
 
-def _find_blocks(modules: dict[str, nn.Module], num_layers: int, suffix: str | None) -> str:
-    """The path of the block ModuleList: the table's suffix if given, else the one list of N modules."""
+def _layer_counts(config: Any) -> tuple[int, ...]:
+    """How many blocks the config says the model has: `num_hidden_layers`, then `num_layers` where it differs
+    (LongCat-Flash counts two sublayers of each block in `num_hidden_layers`)."""
+    counts = [getattr(config, name, None) for name in ("num_hidden_layers", "num_layers")]
+    return tuple(dict.fromkeys(int(c) for c in counts if isinstance(c, int) and c > 0))
+
+
+def _find_blocks(modules: dict[str, nn.Module], counts: tuple[int, ...], suffix: str | None) -> str:
+    """The path of the block ModuleList: the table's suffix if given, else the one list of N modules (for the
+    first of the config's counts that some list has)."""
+    num_layers = next((n for n in counts if any(isinstance(m, nn.ModuleList) and len(m) == n for m in modules.values())),
+                      counts[0])
     lists = [name for name, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) == num_layers and name]
     text = [name for name in lists if not any(tower in name for tower in _TOWERS)]
     lists = text if len(text) == 1 else lists

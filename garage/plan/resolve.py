@@ -24,7 +24,7 @@ from ..lang.diagnostics import (
     raise_if_errors,
 )
 from ..lang.formatter import format_int_set, format_positions, format_string
-from .archs import ModelInfo
+from .archs import NO_SITE, ModelInfo
 
 SiteKind = str  # "in" | "out" | "attn" | "cross" | "mlp" | "mlp.hidden" | "attn.heads" | "router" | "final" | "module"
 INPUT_KINDS = ("in", "mlp.hidden", "attn.heads")  # sites that are a module's input, not its output
@@ -268,6 +268,14 @@ def _check_container(info: ModelInfo, site: ast.BlockSite) -> None:
         )
 
 
+def _refuse(info: ModelInfo, kind: str, span: Span) -> None:
+    """A site kind this family has no one value for (archs.NO_SITE): an error with the reason."""
+    why = NO_SITE.get(info.model_type, {}).get(kind)
+    if why:
+        raise Problem(span, f"this model ({info.model_type}) has no such site: {why}",
+                      "name another site, or a module inside a block by its path")
+
+
 _SPECIAL = {"mlp.hidden": _ffn_hidden, "attn.heads": _attn_heads, "router": _router}
 
 
@@ -314,12 +322,13 @@ def _sites_in(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
     """Every concrete site that one written site names in one stack of blocks."""
     if isinstance(site, ast.NamedSite):
         if site.name == "embed":
+            _refuse(info, "in", site.span)
             return [ConcreteSite("in", 0, info.block(0), site.positions)]
         if info.final_norm is None:
             last = f"{info.stack}.h.-1" if info.stack else "h.-1"
             where = f"the {info.stack} of this model" if info.stack else "this model"
             raise Problem(site.span, f"{where} ({info.model_type}) has no final norm", f"use {last} for the last block's output")
-        return [ConcreteSite("final", None, info.final_norm, site.positions)]
+        return [ConcreteSite("final", None, info.final_norm, site.positions, info.out_widths.get(info.final_norm))]
     if isinstance(site, ast.ModuleSite):
         return [_classify(info, _module_path(info, site.path, site.span), site.positions)]
 
@@ -331,11 +340,13 @@ def _sites_in(info: ModelInfo, site: ast.Site) -> list[ConcreteSite]:
             path = _module_path(info, scope + ".".join(site.subpath), site.span, scope)
             sites.append(_classify(info, path, site.positions))
         elif site.component in ("in", "out"):
+            _refuse(info, site.component, site.span)
             sites.append(ConcreteSite(site.component, layer, info.block(layer), site.positions))
         elif site.component in _SPECIAL:
             sites.append(_SPECIAL[site.component](info, layer, site))
-        else:
-            sites.append(ConcreteSite(site.component, layer, _component_path(info, site.component, layer, site.span), site.positions))
+        else:  # a sublayer that works in another width than the stream's (MobileBERT's bottlenecks) says so
+            path = _component_path(info, site.component, layer, site.span)
+            sites.append(ConcreteSite(site.component, layer, path, site.positions, info.out_widths.get(path)))
     return sites
 
 

@@ -54,11 +54,25 @@ class KVBuffers:
         return tuple(torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in self.shapes)
 
 
+class CrossBuffers:
+    """An encoder–decoder generation's inputs beside its tokens: the decoder's self-attention cache (`own`), its
+    cross-attention cache ([batch, heads, source, head size] each, which the first step fills), and the
+    encoder's states and mask, which every step reads."""
+
+    def __init__(self, own: KVBuffers, cross: list[tuple[int, int]], states: torch.Tensor, mask: torch.Tensor) -> None:
+        self.own, self.cross, self.states, self.mask = own, cross, states, mask
+
+    def __call__(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        source = self.states.shape[1]
+        cross = (torch.zeros(batch, heads, source, dim, dtype=dtype, device=device) for heads, dim in self.cross)
+        return (*self.own(batch, length, dtype, device), *cross, self.states, self.mask)
+
+
 def _nothing() -> None:
     """What runs after each step when the request asks for nothing."""
 
 
-def decode_loop(prompt_step: Step, token_step: Step, buffers: KVBuffers, cache_dtype: torch.dtype,
+def decode_loop(prompt_step: Step, token_step: Step, buffers: KVBuffers | CrossBuffers, cache_dtype: torch.dtype,
                 input_ids: torch.Tensor, attention_mask: torch.Tensor, request: Generation) -> torch.Tensor:
     """Greedy or sampled decoding with a KV cache; returns prompt + new tokens, like `model.generate`.
 

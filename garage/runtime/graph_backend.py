@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..fx import store
-from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, signature, with_masks
+from ..fx.export import EXAMPLE_BATCH, EXAMPLE_SEQ, TraceFailure, is_encoder_decoder, signature, with_masks
 from ..fx.fuse import injected
-from ..fx.kinds import GraphKind, Scoring, Shape, Static, Step, Unpadded, scoring_kind
+from ..fx.kinds import DecoderStep, Encode, GraphKind, Scoring, Shape, Static, Step, Unpadded, scoring_kind
 from ..fx.locate import SiteNotFound
 from ..fx.patch_source import SOURCE_INPUT, WEIGHT_INPUT, patch_indices
 from ..fx.rewrite import Rewritten
@@ -26,7 +26,8 @@ from ..lang.diagnostics import Diagnostic, ValidationError
 from ..ops import innermost
 from ..plan.resolve import Plan
 from .compiled import compiled, replays_cuda_graphs
-from .decode import KVBuffers, decode_loop
+from ..fx.seq2seq import decoder_start, step_buffers
+from .decode import CrossBuffers, KVBuffers, decode_loop
 from .hook_backend import HookBackend, graph_only
 from .sampling import Generation
 
@@ -45,6 +46,7 @@ class GraphBackend:
         self._sites = [s.site for s in plan]
         self.hooks = HookBackend(model, self._sites, ops)
         self.fallbacks: dict[str, Diagnostic] = {}  # "scoring" / "generation" → why it runs by hooks
+        self._hooked: set[GraphKind | str] = set()  # graph kinds that run by hooks (or whole uses: "scoring", …)
         self._compile, self._warn = compile_options, warn
         self._graphs = dict(graphs)
         self._runners: dict[GraphKind, Runner] = {}
@@ -57,7 +59,10 @@ class GraphBackend:
 
     # ------------------------------------------------------------------ graphs
     def _inject(self, kind: GraphKind, base: torch.fx.GraphModule) -> Rewritten:
-        return injected(kind, base, self._sites, self.ops, self.plan.info.hidden_size)
+        """The ops placed in a graph of this kind: all of them, or the sites of the one stack it holds."""
+        held = [i for i, site in enumerate(self._sites) if not kind.stack or site.stack == kind.stack]
+        return injected(kind, base, [self._sites[i] for i in held], [self.ops[i] for i in held],
+                        self.plan.info.hidden_size)
 
     def _place(self, kind: GraphKind, base: torch.fx.GraphModule) -> Rewritten:
         if kind not in self._graphs:
@@ -89,7 +94,7 @@ class GraphBackend:
         """The kind that serves this use and its runner (compiled when asked), as the store routes it; None
         when the use runs by hooks. A route is asked for once per kind (and per shape, where the store answers
         with a graph per shape): calls after the first cost two dictionary look-ups."""
-        if use in self.fallbacks:
+        if kind in self._hooked or use in self._hooked:  # a VLM's image calls by hooks, its text calls in the graph
             return None
         served = self._served.get((kind, None)) or self._served.get((kind, shape))
         if served is not None:
@@ -101,7 +106,7 @@ class GraphBackend:
         except TraceFailure as failure:  # a model whose forward another library replaced
             raise ValidationError([store.trace_diagnostic(failure, self.plan.spec.filename)]) from failure.__cause__
         if route.kind is None:
-            self._fall_back(use, route.warning)
+            self._fall_back(use, route.warning, kind)
             return None
         if route.warning is not None:
             self._warn(route.warning)
@@ -114,7 +119,8 @@ class GraphBackend:
         gm = self._graphs[kind].graph_module
         return gm if self._compile is None else compiled(gm, how, self._compile)
 
-    def _fall_back(self, use: str, warning: Diagnostic | None) -> None:
+    def _fall_back(self, use: str, warning: Diagnostic | None, kind: GraphKind | None = None) -> None:
+        """This kind of graph (or, when a graph's guards refused an input, the whole use) runs by hooks from now on."""
         if warning is None:
             return
         refused = graph_only(self.plan, self.ops)  # hooks cannot stand in for what only the graph holds
@@ -123,9 +129,10 @@ class GraphBackend:
             raise ValidationError([self.plan.spec.source.diagnostic(
                 span, f"cannot build the {use} graph that {what} needs: {warning.message}", hint)])
         self.fallbacks[use] = warning
+        self._hooked.add(kind if kind is not None else use)
         self._warn(warning)
 
-    def _refused(self, use: str, err: AssertionError) -> None:
+    def _refused(self, use: str, err: Exception) -> None:
         """A graph's guards refused this input: the use runs by hooks from now on (any other error is raised)."""
         self._fall_back(use, store.refused(err, use, self.plan.spec.filename).warning)
 
@@ -148,7 +155,7 @@ class GraphBackend:
         if found is not None:
             try:
                 return found[1](input_ids=inputs["input_ids"]) if isinstance(found[0], Unpadded) else found[1](**inputs)
-            except AssertionError as err:
+            except (AssertionError, RuntimeError) as err:  # a guard or runtime assert refused it
                 self._refused("scoring", err)
         return self.hooks.score(with_masks(inputs))
 
@@ -161,7 +168,7 @@ class GraphBackend:
         assert found is not None
         try:
             return found[1](**inputs, **extra)
-        except AssertionError as err:  # the graph's guards refused the base input: an error, said as such
+        except (AssertionError, RuntimeError) as err:  # the graph refused the base input: an error, said as such
             self._refused("scoring", err)
             raise
 
@@ -176,6 +183,8 @@ class GraphBackend:
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, request: Generation) -> torch.Tensor:
+        if is_encoder_decoder(self.model):
+            return self._generate_seq2seq(input_ids, attention_mask, request)
         found = self._runner("generation", Step())
         if found is not None and attention_mask is not None:
             step = found[1]
@@ -183,14 +192,32 @@ class GraphBackend:
                 dtype = next(self.model.parameters()).dtype
                 return decode_loop(step, self._token_runner(step), self._kv_buffers(), dtype, input_ids, attention_mask,
                                    request)
-            except AssertionError as err:
+            except (AssertionError, RuntimeError) as err:  # a guard or runtime assert refused it
                 self._refused("generation", err)
         return self.hooks.generate(input_ids, attention_mask, request)
 
-    def _kv_buffers(self) -> KVBuffers:
+    def _generate_seq2seq(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, request: Generation
+                          ) -> torch.Tensor:
+        """The encoder graph once, then the first decoder step (which fills the cross-attention cache) and the
+        token step, from the decoder's start token; `model.generate` under hooks where a graph cannot be built."""
+        runners = [self._runner("generation", kind) for kind in (Encode(), DecoderStep(first=True), DecoderStep())]
+        if attention_mask is None or any(found is None for found in runners):
+            return self.hooks.generate(input_ids, attention_mask, request)
+        encode, first, token = (found[1] for found in runners if found is not None)
+        try:
+            states = encode(input_ids=input_ids, attention_mask=attention_mask)
+            own, cross = step_buffers(self._graphs[DecoderStep()].graph_module)
+            buffers = CrossBuffers(self._kv_buffers(own), cross, states, attention_mask.to(torch.long))
+            start = torch.full((input_ids.shape[0], 1), decoder_start(self.model), dtype=torch.long, device=input_ids.device)
+            return decode_loop(first, token, buffers, states.dtype, start, torch.ones_like(start), request)
+        except (AssertionError, RuntimeError) as err:  # a guard or runtime assert refused it
+            self._refused("generation", err)
+        return self.hooks.generate(input_ids, attention_mask, request)
+
+    def _kv_buffers(self, shapes: list[tuple[int, int]] | None = None) -> KVBuffers:
         """The generation cache: kept between calls when the token step replays CUDA graphs."""
         if self._buffers is None:
-            self._buffers = KVBuffers(cache_shapes(self._graphs[Step()].graph_module),
+            self._buffers = KVBuffers(shapes if shapes is not None else cache_shapes(self._graphs[Step()].graph_module),
                                       keep=replays_cuda_graphs(self._compile))
         return self._buffers
 

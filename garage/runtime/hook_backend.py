@@ -48,8 +48,10 @@ class HookBackend:
         self.model, self.sites, self.ops = model, list(sites), list(ops)
 
     def score(self, inputs: dict[str, torch.Tensor]) -> Any:
-        with attach(self.model, self.sites, self.ops), scoring_config(self.model):
-            return self.model(**inputs)
+        with attach(self.model, self.sites, self.ops) as hooks, scoring_config(self.model):
+            out = self.model(**inputs)
+            hooks.check_ran()
+            return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, request: Generation) -> torch.Tensor:
@@ -60,4 +62,6 @@ class HookBackend:
             after = request.after_call
             if after is not None:
                 hooks.handles.append(self.model.register_forward_hook(lambda _m, _a, _out: after()))
-            return generate(input_ids, attention_mask=attention_mask, **request.generate_kwargs())
+            out = generate(input_ids, attention_mask=attention_mask, **request.generate_kwargs())
+            hooks.check_ran()
+            return out

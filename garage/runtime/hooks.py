@@ -8,6 +8,7 @@ mode for the router's forward only.)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -21,6 +22,7 @@ from ..plan.archs import stack_modules
 from ..plan.resolve import INPUT_KINDS, ConcreteSite
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # the ops of one site, applied in order
+BLOCK_KINDS = ("in", "out", "attn", "cross", "mlp", "mlp.hidden", "attn.heads", "final")  # on every call's path
 
 
 @dataclass
@@ -53,6 +55,9 @@ def _replace_hidden(output: Any, fn: Run) -> Any:
         key = next(iter(output.keys()))
         output[key] = fn(output[key])
         return output
+    if isinstance(output, dict) and output:  # SqueezeBERT's attention returns {"context_layer": …}
+        key = next(iter(output))
+        return {**output, key: fn(output[key])}
     raise TypeError(f"cannot find a hidden state in a {type(output).__name__} output")
 
 
@@ -63,6 +68,18 @@ class HookSet:
     model: nn.Module
     handles: list[RemovableHandle] = field(default_factory=list)
     ctx: CallContext = field(default_factory=CallContext)
+    sites: dict[tuple[str, str], ConcreteSite] = field(default_factory=dict)  # the sites hooked, by key
+    ran: set[tuple[str, str]] = field(default_factory=set)  # the sites whose hooks have run
+
+    def check_ran(self) -> None:
+        """A RuntimeError naming the block sites whose hooks never ran in the calls so far: a model that calls a
+        module's `forward` directly (SqueezeBERT's encoder calls its blocks so) runs no hooks there, and the
+        spec would silently do nothing."""
+        missed = [site.label for key, site in self.sites.items() if key not in self.ran and site.kind in BLOCK_KINDS]
+        if missed:
+            raise RuntimeError(f"the hooks at {', '.join(missed)} never ran: this model calls those modules' forward "
+                               "directly, past their hooks, so the spec cannot act there by hooks; use garage.compile, "
+                               "whose graph places these sites")
 
     def remove(self) -> None:
         while self.handles:
@@ -96,9 +113,10 @@ def attach(model: nn.Module, sites: Sequence[ConcreteSite], modules: Sequence[nn
             hooks.handles.append(stack.register_forward_pre_hook(_remember(contexts[name], stack=True), with_kwargs=True))
 
     named = dict(model.named_modules())
+    hooks.sites = {site.key: site for site in sites}
     for (kind, path), group in grouped.items():
         target = named[path]
-        run = _runner(group, target, contexts[stacks[kind, path]])
+        run = _runner(group, target, contexts[stacks[kind, path]], functools.partial(hooks.ran.add, (kind, path)))
         if kind == "router":
             hooks.handles += _router_hooks(target, run, widths[kind, path] or 0)
         elif kind in INPUT_KINDS:
@@ -143,8 +161,9 @@ def _past_length(kwargs: dict) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext) -> Run:
+def _runner(group: list[nn.Module], target: nn.Module, ctx: CallContext, ran: Callable[[], None]) -> Run:
     def run(h: torch.Tensor) -> torch.Tensor:
+        ran()
         for module in group:
             if module.training != target.training:
                 module.train(target.training)
