@@ -2,9 +2,11 @@
 
 It asks the graph store (`garage.fx.store`) for each base graph and places the same op modules in every
 graph it builds: a scoring graph per input signature (or per shape, for a model whose code fixes its
-length), the unpadded scoring graph, and the generation step. Where the store routes a use to hooks, or
-a graph's guards refuse an input, that use runs on the hook backend from then on, with the store's warning
-said once. Under torch.compile, each graph is compiled on first use.
+length), the unpadded scoring graph, and the generation step (for an encoder–decoder model: its encoder
+and two decoder steps, each holding its own stack's sites). Where the store routes a graph kind to hooks,
+that kind runs on the hook backend from then on (a VLM's image calls, while its text calls keep the graph);
+where a graph's guards refuse an input, the whole use does; the store's warning is said once. Under
+torch.compile, each graph is compiled on first use.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from ..fx.kinds import DecoderStep, Encode, GraphKind, Scoring, Shape, Static, S
 from ..fx.locate import SiteNotFound
 from ..fx.patch_source import SOURCE_INPUT, WEIGHT_INPUT, patch_indices
 from ..fx.rewrite import Rewritten
+from ..fx.seq2seq import decoder_start, step_buffers
 from ..fx.steps import cache_shapes, unpadded_possible
 from ..lang.diagnostics import Diagnostic, ValidationError
 from ..ops import innermost
 from ..plan.resolve import Plan
 from .compiled import compiled, replays_cuda_graphs
-from ..fx.seq2seq import decoder_start, step_buffers
 from .decode import CrossBuffers, KVBuffers, decode_loop
 from .hook_backend import HookBackend, graph_only
 from .sampling import Generation
