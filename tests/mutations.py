@@ -25,7 +25,7 @@ TESTS = ["tests/test_patching.py", "tests/test_patching_sweeps.py", "tests/test_
 
 # name → (file, the exact text to change, what to change it to)
 MUTATIONS: dict[str, tuple[str, str, str]] = {
-    "bert attention takes the residual": ("garage/plan/archs.py", '(("attention.output.dense",), dict(attn="attention.output.dense",',
+    "bert attention takes the residual": ("garage/plan/discover.py", '(("attention.output.dense",), dict(attn="attention.output.dense",',
                                           '(("attention.output.dense",), dict(attn="attention",'),
     "decoder positions read the source mask": ("garage/fx/rewrite.py",
                                                'return f"decoder_{name}" if stack == "decoder" and name else name',
@@ -33,7 +33,7 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "decoder hooks count positions without the cache": ("garage/runtime/hooks.py",
                                                         "mask = torch.ones(ids.shape[0], past + ids.shape[1],",
                                                         "mask = torch.ones(ids.shape[0], ids.shape[1],"),
-    "T5's decoder MLP is its encoder's slot": ("garage/plan/archs.py", '(("layer.2.DenseReluDense",), dict(mlp="layer.2.DenseReluDense"',
+    "T5's decoder MLP is its encoder's slot": ("garage/plan/discover.py", '(("layer.2.DenseReluDense",), dict(mlp="layer.2.DenseReluDense"',
                                                '(("layer.2.DenseReluDense",), dict(mlp="layer.1.EncDecAttention"'),
     "transposed states reach ops unpermuted": ("garage/fx/rewrite.py",
                                                "if loc.permutation is not None:  # ops see [batch, seq, hidden]",
@@ -43,7 +43,7 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
     "the decoder step reads an empty cross-attention cache": ("garage/fx/seq2seq.py",
                                                               "cache = both_caches(past[:-2], self.layers, slots, cross_ready=not self.first)",
                                                               "cache = both_caches(past[:-2], self.layers, slots, cross_ready=True)"),
-    "final norm on the embeddings": ("garage/plan/archs.py", 'and "embed" not in name]', "]"),
+    "final norm on the embeddings": ("garage/plan/discover.py", 'and "embed" not in name]', "]"),
     "hook fallback drops the ops": ("garage/runtime/hook_backend.py",
                                     "with attach(self.model, self.sites, self.ops), scoring_config(self.model):",
                                     "with attach(self.model, [], []), scoring_config(self.model):"),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import garage
-from garage.plan import archs
+from garage.plan import archs, discover
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from sweep import reference_hooks, tiny  # noqa: E402  (the sweep's builder and hooks: no garage code)
@@ -147,7 +147,7 @@ def test_each_override_is_still_needed(family):
     model = tiny_model("gemma3" if family == "gemma3_text" else family)
     modules = dict(model.named_modules())
     info = garage.ModelInfo.from_model(model)
-    found = archs._discover(modules, info.blocks, info.num_layers, info.hidden_size)
+    found = discover._discover(modules, info.blocks, info.num_layers, info.hidden_size)
     row = archs.ARCHS[family]
     assert (found.attn, found.mlp) != (row.attn, row.mlp)
     assert info.from_table and (info.attn, info.mlp) == (row.attn, row.mlp)
