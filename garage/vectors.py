@@ -56,7 +56,8 @@ def token_states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sites
     generation begins: an encoder site's states are the source's tokens, a decoder site's the first target
     position's (the state that steering at the decoder acts on first)."""
     device = next(model.parameters()).device
-    stacks = {site: one_site(model, site).stack for site in sites}
+    info = ModelInfo.from_model(model)  # once: each site's stack, without walking the model again per site
+    stacks = {site: sites_named(info, site)[0].stack for site in sites}
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}

@@ -270,6 +270,8 @@ def test_a_blade_taken_at_a_decoder_site_is_added_there(tmp_path):
 
 
 def test_garage_run_loads_a_seq2seq_folder_and_translates_with_the_spec(tmp_path, capsys):
+    from transformers import MarianMTModel
+
     from garage.cli import main
     from garage.models import char_tokenizer
 
@@ -279,4 +281,15 @@ def test_garage_run_loads_a_seq2seq_folder_and_translates_with_the_spec(tmp_path
     spec = tmp_path / "steer.garage"
     spec.write_text("at decoder.h.1 scale 0.5\nat encoder.h.0 scale 2\n")
     assert main(["run", str(spec), "--model", str(folder), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
-    assert "== with" in capsys.readouterr().out
+    model, tokenizer = MarianMTModel.from_pretrained(folder).eval(), char_tokenizer()
+    ids = tokenizer(["hello"], return_tensors="pt")
+    with torch.no_grad():  # the test's own hooks: decoder block 1 halved, encoder block 0 doubled
+        handles = [model.get_submodule("model.decoder.layers.1").register_forward_hook(
+                       lambda _m, _a, out: _with_first(out, _first(out) * 0.5)),
+                   model.get_submodule("model.encoder.layers.0").register_forward_hook(
+                       lambda _m, _a, out: _with_first(out, _first(out) * 2))]
+        want = model.generate(**ids, max_new_tokens=4, do_sample=False)
+        for handle in handles:
+            handle.remove()
+    text = tokenizer.decode(want[0], skip_special_tokens=True).strip("\n")
+    assert f"== with {spec}\n{text}\n" in capsys.readouterr().out
